@@ -1,0 +1,151 @@
+"""Chat with a profile through llama.cpp (llama-cpp-python), with its adapter verified as applied.
+
+llama-cpp-python's ``Llama(lora_path=...)`` raises when llama.cpp cannot load or set the adapter,
+but an adapter that loads and changes nothing (wrong tensor names, a misread alpha) would pass
+silently. So enroll records a probe: the next-token logits of a fixed prompt with and without the
+adapter. Chat recomputes them with the adapter and requires them to match the adapted record, not
+the base one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import AdapterNotAppliedError
+from .history import Retriever, parse_history
+from .models import BaseModel, resolve_base_model
+from .profile import Profile
+from .tasks import TASKS, with_history
+from .templates import chat_formatter, render_messages
+
+logger = logging.getLogger(__name__)
+
+PROBE_TOKENS = 16  # how many token ids of the probe's logits are stored
+
+
+@contextmanager
+def _quiet_stderr():
+    """Silence llama.cpp's C-level log lines (model loading prints hundreds) unless --verbose."""
+    if logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(devnull)
+        os.close(saved)
+
+
+def load_llama(base: BaseModel, adapter: Path | None = None, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):
+    """Load the base GGUF in llama.cpp with at most one adapter and the model's own chat template."""
+    from llama_cpp import Llama
+
+    if adapter is not None and not Path(adapter).is_file():
+        raise AdapterNotAppliedError(f"adapter {adapter} not found; enroll again to recreate the profile.")
+    kwargs = dict(model_path=str(base.path), n_ctx=n_ctx, seed=seed, verbose=False,
+                  chat_handler=chat_formatter(base).to_chat_handler())
+    if threads:
+        kwargs.update(n_threads=threads, n_threads_batch=threads)
+    if adapter is not None:
+        kwargs["lora_path"] = str(adapter)
+    try:
+        with _quiet_stderr():
+            llm = Llama(**kwargs)
+    except (RuntimeError, ValueError) as exc:
+        raise AdapterNotAppliedError(f"llama.cpp rejected {adapter or base.path}: {exc}. Enroll again.") from None
+    if adapter is not None and getattr(llm, "_lora_adapter", None) is None:
+        raise AdapterNotAppliedError(f"llama-cpp-python loaded no adapter from {adapter}; check the llama-cpp-python version (0.3.36 is tested).")
+    return llm
+
+
+def last_logits(llm, text: str) -> np.ndarray:
+    """Return llama.cpp's next-token logits after ``text`` (tokenized as chat prompts are)."""
+    import llama_cpp
+
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    llm.reset()
+    llm.eval(tokens)
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    logits = np.array(np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)), dtype=np.float32)
+    llm.reset()
+    return logits
+
+
+def probe_prompt(base: BaseModel, task: str, history_items: list[dict]) -> str:
+    item = history_items[0]
+    return render_messages(base, [{"role": "user", "content": TASKS[task].instruction(str(item[TASKS[task].input_field]))}])
+
+
+def adapter_probe(base: BaseModel, adapter: Path, history) -> dict:
+    """Record next-token logits of a fixed prompt with and without the adapter (top token ids)."""
+    text = probe_prompt(base, history.task.name, history.items)
+    plain = last_logits(load_llama(base), text)
+    adapted = last_logits(load_llama(base, adapter), text)
+    ids = sorted(set(np.argsort(-adapted)[:PROBE_TOKENS].tolist()) | set(np.argsort(-plain)[:PROBE_TOKENS].tolist()))
+    return {"token_ids": ids, "base": [round(float(plain[i]), 4) for i in ids],
+            "adapted": [round(float(adapted[i]), 4) for i in ids],
+            "effect": round(float(np.abs(adapted[ids] - plain[ids]).max()), 4)}
+
+
+def verify_applied(llm, profile: Profile, base: BaseModel) -> float:
+    """Raise AdapterNotAppliedError unless llm's logits on the probe match the adapted record."""
+    probe = profile.recipe.get("probe")
+    if not probe:
+        raise AdapterNotAppliedError(f"profile {profile.name!r} has no adapter probe; enroll again.")
+    logits = last_logits(llm, probe_prompt(base, profile.recipe["task"], profile.history()))[probe["token_ids"]]
+    to_adapted = float(np.abs(logits - np.array(probe["adapted"])).max())
+    to_base = float(np.abs(logits - np.array(probe["base"])).max())
+    if not to_adapted < to_base:
+        raise AdapterNotAppliedError(
+            f"the adapter of profile {profile.name!r} is not in effect: llama.cpp logits differ from the enrolled "
+            f"adapted model by {to_adapted:.3f} and from the base model by {to_base:.3f}. Enroll again; if it persists, "
+            "check the llama-cpp-python version (0.3.36 is tested)."
+        )
+    logger.info("adapter check: distance to adapted %.4f, to base %.4f", to_adapted, to_base)
+    return to_adapted
+
+
+class ChatSession:
+    """A loaded profile: base GGUF + the profile's adapter, ready for chat completions."""
+
+    def __init__(self, profile: Profile, history_in_prompt: int | None = None, n_ctx: int = 2048,
+                 threads: int | None = None, seed: int = 0):
+        self.profile = profile
+        self.base = resolve_base_model(profile.recipe["base_model"]["path"])
+        self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
+        verify_applied(self.llm, profile, self.base)
+        task = profile.recipe["task"]
+        self.retriever = Retriever(parse_history(profile.history(), source=str(profile.path), task=task))
+        self.task = TASKS[task]
+        self.k = profile.recipe.get("history_in_prompt", 1) if history_in_prompt is None else history_in_prompt
+        self.messages: list[dict] = []
+
+    def user_content(self, text: str) -> str:
+        """Return the user turn as trained: retrieved history items above the user's instruction."""
+        return with_history(text, self.retriever.lines(text, self.k))
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        return render_messages(self.base, messages)
+
+    def send(self, text: str, max_tokens: int = 256, temperature: float = 0.0, keep: bool = True):
+        """Stream the reply to ``text`` as text pieces; with keep, the turn joins the conversation."""
+        messages = self.messages + [{"role": "user", "content": self.user_content(text)}]
+        reply = []
+        stream = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens,
+                                                 temperature=temperature, stream=True)
+        for chunk in stream:
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                reply.append(piece)
+                yield piece
+        if keep:
+            self.messages = messages + [{"role": "assistant", "content": "".join(reply)}]

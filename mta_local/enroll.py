@@ -1,0 +1,149 @@
+"""Enroll a user: embed -> retrieve anchors -> merge -> fold -> train the stacked adapter -> export.
+
+Each stage is timed; ``EnrollResult.timings`` holds seconds per stage (load, embed, retrieve,
+merge, fold, train, export).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .bank import open_bank
+from .config import EnrollConfig, LoraConfig
+from .embed import load_embedder, user_embedding
+from .errors import BankError, UnsupportedModelError
+from .gguf_adapter import write_adapter
+from .history import read_history, training_examples
+from .merge import concat, fold_into, merge_averaged, merge_exact
+from .models import load_training_model, pick_device, resolve_base_model
+from .profile import ADAPTER_GGUF, EMBEDDING, HISTORY, RECIPE, STACKED, ProfileWriter, save_stacked
+from .retrieve import AnchorChoice, select_anchors
+from .templates import prompt_renderer
+from .train import encode_examples, train_lora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EnrollResult:
+    profile_path: Path
+    task: str
+    bank_id: str
+    anchors: list[AnchorChoice]
+    losses: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.profile_path.rglob("*") if p.is_file())
+
+
+def check_stack_config(stack: LoraConfig) -> None:
+    """Reject stacked-adapter settings the GGUF exporter cannot reproduce, before any training."""
+    if stack.rank < 1:
+        raise UnsupportedModelError(f"stacked adapter rank must be at least 1, got {stack.rank}; pass --rank 4.")
+    forbidden = {"lm_head", "embed_tokens"} & set(stack.target_modules)
+    if forbidden:
+        raise UnsupportedModelError(
+            f"adapters on {', '.join(sorted(forbidden))} cannot be exported (the default model ties them and "
+            "llama.cpp adapters cover block projections only); target the q/k/v/o/gate/up/down projections."
+        )
+
+
+def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None = None, *, task: str | None = None,
+           bank: str | None = None, model: str | None = None, embedder: str | None = None, merge: str = "exact",
+           progress=None) -> EnrollResult:
+    """Personalize the base model with one user's history; write the profile and return a summary."""
+    from .config import stack_config
+
+    timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(name: str):
+        started = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - started
+        logger.info("stage %-8s %6.2f s", name, timings[name])
+
+    # load: validate everything before the first tensor is touched
+    with stage("load"):
+        history = read_history(history_path, task)
+        stack = stack or stack_config(history.task.name)
+        check_stack_config(stack)
+        base = resolve_base_model(model)
+        the_bank = open_bank(bank, history.task.name)
+        if the_bank.task != history.task.name:
+            raise BankError(f"bank {the_bank.bank_id} is for task {the_bank.task!r} but the history is "
+                            f"{history.task.name!r}; pass --bank with a {history.task.name} bank or --task {the_bank.task}.")
+        embedder_name, embedder_model = load_embedder(embedder or the_bank.manifest["embedder"]["name"])
+        the_bank.check_compatible(base, embedder_name)
+        training_model, tokenizer = load_training_model(base)
+
+    with stage("embed"):
+        vector = user_embedding(embedder_model, [history.task.history_line(item) for item in history.items])
+
+    with stage("retrieve"):
+        anchor_ids, anchor_vectors = the_bank.anchor_embeddings()
+        choices = select_anchors(vector, anchor_vectors, anchor_ids, min(enroll_config.top_k, len(anchor_ids)))
+        for choice in choices:
+            logger.info("anchor %s similarity %.4f weight %.4f", choice.anchor_id, choice.similarity, choice.weight)
+
+    with stage("merge"):
+        adapters = [the_bank.load_anchor(choice.anchor_id) for choice in choices]
+        weights = [choice.weight for choice in choices]
+        names = [choice.anchor_id for choice in choices]
+        merged = (merge_exact if merge == "exact" else merge_averaged)(adapters, weights, names)
+
+    with stage("fold"):
+        fold_into(training_model, merged)
+
+    with stage("train"):
+        examples = training_examples(history, k=enroll_config.history_in_prompt)
+        encoded = encode_examples(tokenizer, prompt_renderer(base), examples, base.eos_token, stack.max_tokens)
+        result = train_lora(training_model, encoded, stack, tokenizer.pad_token_id or 0, progress=progress)
+
+    with stage("export"):
+        recipe = {
+            "format_version": 1,
+            "profile": enroll_config.profile,
+            "task": history.task.name,
+            "bank": {"id": the_bank.bank_id, "path": str(the_bank.path)},
+            "base_model": {"name": base.name, "path": str(base.path), "sha256": base.sha256},
+            "embedder": embedder_name,
+            "anchors": [{"id": c.anchor_id, "similarity": round(c.similarity, 6), "weight": round(c.weight, 6)}
+                        for c in choices],
+            "merge": merge,
+            "stack": stack.to_dict(),
+            "history_in_prompt": enroll_config.history_in_prompt,
+            "history_items": len(history.items),
+            "source": Path(history.source).name,
+            "device": pick_device(),
+            "losses": [round(loss, 4) for loss in result.losses],
+            "created_by": f"mta-local {__version__}",
+        }
+        path = _write_profile(enroll_config.profile, history, vector, result.adapter, merged, stack, base, recipe)
+    logger.info("profile %s written to %s", enroll_config.profile, path)
+    return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, timings)
+
+
+def _write_profile(name, history, vector, stacked, merged, stack, base, recipe) -> Path:
+    from .chat import adapter_probe
+
+    writer = ProfileWriter(name)
+    try:
+        writer.write_json(HISTORY, history.items)
+        writer.write_json(EMBEDDING, [round(float(x), 7) for x in vector])
+        save_stacked(writer.path / STACKED, stacked, stack.rank, stack.alpha, stack.target_modules, base.name)
+        gguf_metadata = {key: recipe[key] for key in ("profile", "task", "bank", "anchors", "merge", "stack")}
+        write_adapter(writer.path / ADAPTER_GGUF, concat([merged, stacked]), base, metadata=gguf_metadata)
+        recipe["probe"] = adapter_probe(base, writer.path / ADAPTER_GGUF, history)
+        writer.write_json(RECIPE, recipe)
+        return writer.commit()
+    except BaseException:
+        writer.discard()
+        raise

@@ -1,0 +1,168 @@
+"""Train one LoRA adapter on (prompt, target) examples: anchors in the bank and the stacked adapter.
+
+The loop has nanoGPT's shape: seed, build, loop (set lr, forward, backward, clip, step, log), return.
+Only target tokens carry loss, so the lm_head is applied at target positions only; that skips most
+of the vocabulary projection, which dominates a 135M model's compute on short targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import LoraConfig
+from .merge import LoraWeights
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: prompt + target ids, and where the target starts."""
+
+    input_ids: list[int]
+    target_start: int
+
+
+@dataclass
+class TrainResult:
+    adapter: LoraWeights
+    losses: list[float]  # mean target-token loss per optimizer step
+    tokens: int  # tokens processed (prompt + target, no padding), summed over epochs
+    seconds: float
+
+
+def encode_examples(tokenizer, render, examples: list[tuple[str, str]], eos_token: str, max_tokens: int) -> list[Encoded]:
+    """Tokenize examples as the chat runtime sees them: render(prompt) + target + eos.
+
+    A prompt longer than the budget loses tokens from its middle, so the chat header and the end
+    of the instruction (where the answer is asked for) stay intact.
+    """
+    encoded = []
+    for prompt, target in examples:
+        prompt_ids = tokenizer(render(prompt), add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(target + eos_token, add_special_tokens=False)["input_ids"]
+        budget = max_tokens - len(target_ids)
+        if len(prompt_ids) > budget:
+            head = min(48, budget // 4)
+            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head):]
+        encoded.append(Encoded(prompt_ids + target_ids, len(prompt_ids)))
+    return encoded
+
+
+def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; labels are IGNORE everywhere except target tokens."""
+    length = max(len(example.input_ids) for example in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, example in enumerate(batch):
+        ids = torch.tensor(example.input_ids)
+        input_ids[row, : len(ids)] = ids
+        labels[row, example.target_start : len(ids)] = ids[example.target_start :]
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def loss_sum_plain(model, batch) -> tuple[torch.Tensor, int]:
+    """Summed target-token loss with full logits at every position (reference implementation)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def loss_sum_fast(model, batch) -> tuple[torch.Tensor, int]:
+    """Summed target-token loss, projecting to the vocabulary only where a target token follows."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    positions = labels != IGNORE
+    logits = causal_lm.lm_head(hidden[:, :-1][positions])
+    return F.cross_entropy(logits.float(), labels[positions], reduction="sum"), int(positions.sum())
+
+
+def cosine_lr(step: int, total: int, peak: float) -> float:
+    return 0.5 * peak * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, progress=None) -> TrainResult:
+    """Train a fresh LoRA on ``model`` (left unchanged) and return its weights.
+
+    ``progress``, if given, is called as progress(step, total_steps, loss) after each optimizer step.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    # seed
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    device = next(model.parameters()).device
+
+    # build: freeze the base, wrap it with a new LoRA
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                                 lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False)
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute that peft still reads; harmless
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, peft_config)
+    peft_model.train()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+    examples_per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = math.ceil(len(encoded) / examples_per_step)
+    total_steps = steps_per_epoch * config.epochs
+    losses, tokens, started, step = [], 0, time.perf_counter(), 0
+
+    # loop
+    for epoch in range(config.epochs):
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order), examples_per_step):
+            chunk = [encoded[i] for i in order[start : start + examples_per_step]]
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total_steps, config.learning_rate)
+
+            micro_batches = [collate(chunk[i : i + config.batch_size], pad_id, device)
+                             for i in range(0, len(chunk), config.batch_size)]
+            n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+            step_loss = 0.0
+            for batch in micro_batches:
+                loss_sum, _ = loss_sum_fast(peft_model, batch)
+                (loss_sum / n_targets).backward()
+                step_loss += loss_sum.item() / n_targets
+                tokens += int(batch["attention_mask"].sum())
+
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            logger.debug("epoch %d step %d/%d loss %.4f", epoch + 1, step, total_steps, step_loss)
+            if progress is not None:
+                progress(step, total_steps, step_loss)
+
+    # return: read the adapter out and restore the plain model
+    adapter = _read_adapter(peft_model, config)
+    peft_model.unload()
+    return TrainResult(adapter, losses, tokens, time.perf_counter() - started)
+
+
+def _read_adapter(peft_model, config: LoraConfig) -> LoraWeights:
+    from peft import get_peft_model_state_dict
+
+    state = {key: value.detach().float().cpu().clone() for key, value in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
+    return LoraWeights.from_peft_state_dict(state, config.alpha / config.rank)

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from mta_local.config import LoraConfig
+from mta_local.train import Encoded, collate, loss_sum_fast, loss_sum_plain, train_lora
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+BATCH = [Encoded([5, 6, 7, 8, 9, 10, 11], target_start=4), Encoded([12, 13, 14, 15], target_start=2)]
+
+
+def test_fast_loss_matches_plain_loss_and_gradients():
+    model = tiny_llama()
+    batch = collate(BATCH, pad_id=0, device="cpu")
+
+    plain, plain_count = loss_sum_plain(model, batch)
+    plain.backward()
+    plain_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast, fast_count = loss_sum_fast(model, batch)
+    fast.backward()
+
+    assert fast_count == plain_count == 5
+    assert torch.allclose(fast, plain, rtol=1e-5)
+    for expected, parameter in zip(plain_grads, model.parameters()):
+        assert torch.allclose(parameter.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_collate_masks_prompt_and_padding():
+    batch = collate(BATCH, pad_id=0, device="cpu")
+
+    assert batch["labels"].tolist() == [[-100, -100, -100, -100, 9, 10, 11], [-100, -100, 14, 15, -100, -100, -100]]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0]
+
+
+def test_train_lora_lowers_loss_and_leaves_model_plain():
+    model = tiny_llama()
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    config = LoraConfig(rank=4, alpha=8.0, epochs=20, learning_rate=1e-2, batch_size=2, grad_accum=1, seed=0)
+
+    result = train_lora(model, BATCH * 2, config, pad_id=0)
+
+    assert result.losses[-1] < result.losses[0] * 0.9
+    assert result.adapter.rank == 4
+    assert len(result.adapter.tensors) == 2 * 7
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_train_lora_is_seeded():
+    config = LoraConfig(rank=2, alpha=4.0, epochs=2, learning_rate=1e-2, batch_size=1, grad_accum=2, seed=3)
+
+    first = train_lora(tiny_llama(), BATCH, config, pad_id=0)
+    second = train_lora(tiny_llama(), BATCH, config, pad_id=0)
+
+    assert first.losses == pytest.approx(second.losses)
+    module = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(first.adapter.tensors[module][1], second.adapter.tensors[module][1])
