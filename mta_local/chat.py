@@ -129,9 +129,14 @@ class ChatSession:
         self.k = profile.recipe.get("history_in_prompt", 1) if history_in_prompt is None else history_in_prompt
         self.messages: list[dict] = []
 
-    def user_content(self, text: str) -> str:
-        """Return the user turn as trained: retrieved history items above the user's instruction."""
-        return with_history(text, self.retriever.lines(text, self.k))
+    def user_content(self, text: str, exclude: int | None = None) -> str:
+        """Return the user turn as trained: retrieved history items above the user's instruction.
+
+        A prompt written in the task's format is searched with its input alone (as in training);
+        any other text is searched as a whole.
+        """
+        query = self.task.extract_input(text) or text
+        return with_history(text, self.retriever.lines(query, self.k, exclude=exclude))
 
     def prompt_text(self, messages: list[dict]) -> str:
         return render_messages(self.base, messages)

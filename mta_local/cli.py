@@ -43,7 +43,7 @@ def cli(verbose):
     """Personalize a local LLM with your own history, on your own machine.
 
     \b
-    mta-local enroll docs/examples/lamp2-user-8000010.json
+    mta-local enroll docs/examples/lamp2-user-8000029.json
     mta-local chat --prompt "Which tag does this movie relate to ..."
     mta-local chat
     """
@@ -104,7 +104,7 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
     for llama.cpp. Nothing leaves this machine.
 
     \b
-    mta-local enroll docs/examples/lamp2-user-8000010.json
+    mta-local enroll docs/examples/lamp2-user-8000029.json
     mta-local enroll reviews.json --task product_rating --top-k 3 --profile alice
     """
     from .enroll import enroll as run_enroll

@@ -29,6 +29,14 @@ class Task:
     history_line: Callable[[dict], str]  # history item -> its line in the "User History" slot
     labels: tuple[str, ...] = ()  # closed label set, empty for free text
 
+    def extract_input(self, text: str) -> str | None:
+        """Return the input inside a prompt written as this task's instruction, else None."""
+        marker = "\x00"
+        prefix, _, suffix = self.instruction(marker).partition(marker)
+        if len(text) > len(prefix) + len(suffix) and text.startswith(prefix) and text.endswith(suffix):
+            return text[len(prefix) : len(text) - len(suffix)]
+        return None
+
     def target(self, item: dict) -> str:
         value = item[self.output_field]
         if self.name == "product_rating":
