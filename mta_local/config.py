@@ -1,7 +1,8 @@
 """Paths and per-stage configuration.
 
 Every location mta-local reads or writes comes from this module. ``MTA_LOCAL_HOME`` moves all of
-them under one folder (tests and portable installs use it).
+them under one folder (tests and portable installs use it); ``MTA_LOCAL_CACHE`` moves the cache
+alone.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import platformdirs
 
 APP_NAME = "mta-local"
 HOME_ENV = "MTA_LOCAL_HOME"
+CACHE_ENV = "MTA_LOCAL_CACHE"
 
 # The PEFT module names of a llama block that adapters target. lm_head and embed_tokens are
 # excluded on purpose: SmolLM2 ties them, and the GGUF exporter writes block tensors only.
@@ -29,9 +31,17 @@ def user_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """Return the folder for derived, re-creatable files (installed banks, F32 base copies)."""
+    """Return the folder for derived, re-creatable files (installed banks, converted base models).
+
+    ``MTA_LOCAL_CACHE`` sets it directly; otherwise it follows ``MTA_LOCAL_HOME``.
+    """
     home = os.environ.get(HOME_ENV)
-    path = Path(home) / "cache" if home else Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+    if os.environ.get(CACHE_ENV):
+        path = Path(os.environ[CACHE_ENV])
+    elif home:
+        path = Path(home) / "cache"
+    else:
+        path = Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import importlib.util
 import logging
 import os
@@ -154,21 +155,56 @@ def pick_device() -> str:
 
 
 def load_training_model(base: BaseModel, device: str | None = None):
-    """Load the base GGUF into transformers (dequantized to float32); return (model, tokenizer)."""
+    """Load the base GGUF into transformers (dequantized to float32); return (model, tokenizer).
+
+    transformers needs ~20 s on 2 CPU cores to convert a GGUF (tokenizer and dequantization), so
+    the converted model is saved once in the cache dir, keyed by the GGUF's sha256, and later
+    loads read that copy in about a second.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder, file_name = str(base.path.parent), base.path.name
-    # transformers logs the GGUF dequantization at info level for every tensor; keep it quiet.
-    logging.getLogger("transformers.modeling_gguf_pytorch_utils").setLevel(logging.WARNING)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    # transformers draws a tqdm bar while it dequantizes; keep stderr for mta-local's own output
+    converted = _converted_dir(base)
+    # transformers draws tqdm bars while it loads; keep stderr for mta-local's own output
     with contextlib.redirect_stderr(io.StringIO()):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+        if (converted / "config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(converted))
+            model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32)
+        else:
+            folder, file_name = str(base.path.parent), base.path.name
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+            _save_converted(model, tokenizer, converted)
     model.to(device or pick_device())
     model.eval()
     return model, tokenizer
+
+
+def _converted_dir(base: BaseModel) -> Path:
+    from .config import cache_dir
+
+    return cache_dir() / "transformers" / f"{base.path.stem}-{base.sha256[:12]}"
+
+
+def _save_converted(model, tokenizer, target: Path) -> None:
+    import shutil
+
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    from safetensors.torch import save_model
+
+    # save_pretrained refuses models loaded from GGUF, so write config and weights directly
+    partial.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (partial / "config.json").write_text(json.dumps(config, indent=1, default=str), encoding="utf-8")
+    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(partial))
+    try:
+        os.replace(partial, target)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(partial, ignore_errors=True)

@@ -8,6 +8,19 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 EXAMPLES = REPO / "docs" / "examples"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """Share converted models and F32 copies between tests: they are derived from the base model alone."""
+    path = tmp_path_factory.mktemp("mta-cache")
+    previous = os.environ.get("MTA_LOCAL_CACHE")
+    os.environ["MTA_LOCAL_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("MTA_LOCAL_CACHE", None)
+    else:
+        os.environ["MTA_LOCAL_CACHE"] = previous
+
+
 @pytest.fixture(autouse=True)
 def user_home(tmp_path, monkeypatch):
     """Point every mta-local path at a fresh folder so tests never touch the real user dir."""
@@ -15,12 +28,6 @@ def user_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MTA_LOCAL_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
-
-
-@pytest.fixture(scope="session")
-def session_home(tmp_path_factory):
-    """A user dir shared by the end-to-end tests, which reuse one enrolled profile."""
-    return tmp_path_factory.mktemp("mta-session")
 
 
 def pytest_collection_modifyitems(config, items):

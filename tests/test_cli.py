@@ -26,7 +26,7 @@ def test_help_shows_examples(command):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("[{\"description\": \"x\"}]", "item 0: missing field 'tag'"),
+        ('[{"description": "x", "tag": "comedy"}, {"description": "y"}]', "item 1: missing field 'tag'"),
         ("not json", "invalid JSON at line 1 column 1"),
     ],
 )
@@ -72,7 +72,9 @@ def test_chat_without_profile():
     assert "mta-local enroll" in result.output
 
 
-def test_paths_follow_home(user_home):
+def test_paths_follow_home(user_home, monkeypatch):
+    monkeypatch.delenv("MTA_LOCAL_CACHE")
+
     result = CliRunner().invoke(cli, ["paths"], catch_exceptions=False)
 
     assert str(user_home / "data") in result.output
