@@ -36,11 +36,17 @@ class EnrollResult:
     bank_id: str
     anchors: list[AnchorChoice]
     losses: list[float]
+    train_tokens: int  # tokens the stacked adapter was trained on (prompt + target, all epochs)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.profile_path.rglob("*") if p.is_file())
+
+    @property
+    def durable_bytes(self) -> int:
+        """Bytes that cannot be re-derived: all but the GGUF export (bank + recipe + stacked rebuild it)."""
+        return self.size_bytes - (self.profile_path / ADAPTER_GGUF).stat().st_size
 
 
 def check_stack_config(stack: LoraConfig) -> None:
@@ -128,7 +134,7 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
         }
         path = _write_profile(enroll_config.profile, history, vector, result.adapter, merged, stack, base, recipe)
     logger.info("profile %s written to %s", enroll_config.profile, path)
-    return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, timings)
+    return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, result.tokens, timings)
 
 
 def _write_profile(name, history, vector, stacked, merged, stack, base, recipe) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import cache_dir
+from .gguf_adapter import copy_gguf_metadata
 from .merge import LoraWeights, fold_into
 from .models import BaseModel, resolve_base_model
 
@@ -34,14 +35,7 @@ def f32_base_copy(base: BaseModel) -> BaseModel:
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(str(partial), base.architecture)
     try:
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key == "general.architecture":
-                continue
-            value = field.contents()
-            if key == "general.file_type":
-                value = int(gguf.LlamaFileType.ALL_F32)
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+        copy_gguf_metadata(reader, writer, int(gguf.LlamaFileType.ALL_F32))
         for tensor in reader.tensors:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
             writer.add_tensor(tensor.name, array)

@@ -113,6 +113,32 @@ def write_adapter(path: str | Path, adapter: LoraWeights, base: BaseModel, metad
     return path
 
 
+def copy_gguf_metadata(reader, writer, file_type: int) -> None:
+    """Copy every key of a GGUF being rewritten, with general.file_type set to ``file_type``."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer adds its own header fields and the architecture
+        value = file_type if key == "general.file_type" else field.contents()
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+
+
+def gguf_deltas(adapter: LoraWeights, base: BaseModel) -> dict[str, torch.Tensor]:
+    """Return dW per GGUF tensor name, with llama.cpp's Q/K row order."""
+    deltas = {}
+    for module in adapter.tensors:
+        name = gguf_tensor_name(module)
+        delta = adapter.delta(module)
+        if name.endswith("attn_q.weight"):
+            delta = permute_rows(delta, base.n_head)
+        elif name.endswith("attn_k.weight"):
+            delta = permute_rows(delta, base.n_head_kv)
+        deltas[name] = delta
+    return deltas
+
+
 def check_adapter_file(path: str | Path, base: BaseModel) -> dict:
     """Read a GGUF adapter back and check its header and tensors against the base; return a summary."""
     import gguf

@@ -1,0 +1,246 @@
+"""Measure enroll speed, memory, per-user storage and llama.cpp serving speed on this machine.
+
+    python benchmarks/enroll_speed.py                      # one 10-item history
+    python benchmarks/enroll_speed.py --users 8            # scaling: 8 users enrolled in one process
+
+Prints one report (Markdown) to stdout. Figures depend on the machine; the report starts with
+its description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "docs" / "examples" / "lamp2-user-8000029.json"
+LAMP2_TEST = REPO.parent / "shared" / "data" / "lamp2-movie-tagging" / "test_100.json"
+sys.path.insert(0, str(REPO))
+
+
+def machine() -> str:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} threads; "
+            f"Python {platform.python_version()}; {platform.system()} {platform.machine()}")
+
+
+def matmul_gflops(threads: int, size=(2048, 576, 1536), repeats: int = 20) -> float:
+    """fp32 matmul throughput with torch at ``threads`` threads, on a shape typical of the model's MLP."""
+    import torch
+
+    torch.set_num_threads(threads)
+    n, k, m = size
+    a, b = torch.randn(n, k), torch.randn(k, m)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n * k * m * repeats / (time.perf_counter() - started) / 1e9
+
+
+def matmul_parameters() -> int:
+    """Parameters of the block projections plus lm_head of the default model (read from the GGUF)."""
+    import gguf
+
+    from mta_local.models import resolve_base_model
+
+    reader = gguf.GGUFReader(str(resolve_base_model().path))
+    total = 0
+    for tensor in reader.tensors:
+        if tensor.name.startswith("blk.") and any(part in tensor.name for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_")):
+            total += int(np.prod(tensor.shape))
+        elif tensor.name == "token_embd.weight":  # tied with lm_head in SmolLM2
+            total += int(np.prod(tensor.shape))
+    return total
+
+
+CHILD = r"""
+import json, resource, sys, time
+started = time.perf_counter()
+from mta_local.config import EnrollConfig
+from mta_local.enroll import enroll
+histories = json.loads(sys.argv[1])
+results = []
+for index, path in enumerate(histories):
+    t0 = time.perf_counter()
+    result = enroll(path, EnrollConfig(profile=f"user{index}"))
+    results.append({"timings": result.timings, "seconds": time.perf_counter() - t0,
+                    "size": result.size_bytes, "train_tokens": result.train_tokens,
+                    "durable": result.durable_bytes})
+print(json.dumps({"results": results, "total": time.perf_counter() - started,
+                  "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def run_enrolls(histories: list[Path], home: Path) -> dict:
+    env = dict(os.environ, MTA_LOCAL_HOME=str(home))
+    output = subprocess.run([sys.executable, "-c", CHILD, json.dumps([str(h) for h in histories])],
+                            env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def scale_histories(count: int, folder: Path) -> list[Path]:
+    """Return ``count`` real 10-item histories: the example, then LaMP-2 evaluation entries."""
+    from converters.lamp2_movies import split
+
+    paths = [EXAMPLE]
+    if count > 1:
+        _, evaluation, _ = split(json.loads(LAMP2_TEST.read_text(encoding="utf-8")))
+        for entry in evaluation:
+            if len(paths) == count:
+                break
+            if str(entry["user_id"]) == "8000029":
+                continue
+            path = folder / f"user-{entry['user_id']}.json"
+            path.write_text(json.dumps(entry["profile"]), encoding="utf-8")
+            paths.append(path)
+    return paths
+
+
+def llama_speed(base, adapters: list[tuple[Path, float]], prompt_tokens: int = 256, decode_tokens: int = 128,
+                threads: int | None = None) -> tuple[float, float]:
+    """Return (prompt tokens/s, decode tokens/s) of llama.cpp with the given adapters (greedy)."""
+    import ctypes
+
+    import llama_cpp
+
+    from mta_local.chat import load_llama
+
+    llm = load_llama(base, n_ctx=1024, threads=threads)
+    handles = []
+    if adapters:
+        handles = [llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode()) for path, _ in adapters]
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+        scales = (ctypes.c_float * len(handles))(*[scale for _, scale in adapters])
+        if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, array, len(handles), scales):
+            raise RuntimeError("llama.cpp rejected the adapters")
+    text = EXAMPLE.read_text(encoding="utf-8")
+    tokens = llm.tokenize(text.encode(), add_bos=False)[:prompt_tokens]
+    best_prompt, best_decode = 0.0, 0.0
+    for _ in range(3):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(tokens)
+        prompt_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(logits))])
+        decode_seconds = time.perf_counter() - started
+        best_prompt = max(best_prompt, len(tokens) / prompt_seconds)
+        best_decode = max(best_decode, decode_tokens / decode_seconds)
+    for handle in handles:
+        llama_cpp.llama_adapter_lora_free(handle)
+    return best_prompt, best_decode
+
+
+def serving_report(profile_dir: Path, lines: list[str]) -> None:
+    from mta_local.folded import folded_base
+    from mta_local.gguf_adapter import write_adapter
+    from mta_local.models import resolve_base_model
+    from mta_local.profile import load_profile
+    from mta_local.verify import merged_adapter
+
+    base = resolve_base_model()
+    profile = load_profile("user0")
+    merged_path = profile_dir / "merged.gguf"
+    stacked_path = profile_dir / "stacked.gguf"
+    write_adapter(merged_path, merged_adapter(profile), base)
+    write_adapter(stacked_path, profile.stacked(), base)
+    folded = folded_base(profile, base)
+    cases = [
+        ("base alone", base, []),
+        ("base + combined adapter (F16 GGUF, what `chat` uses)", base, [(profile.adapter_gguf, 1.0)]),
+        ("base + merged + stacked as two adapters", base, [(merged_path, 1.0), (stacked_path, 1.0)]),
+        (f"folded per-user copy ({folded.path.name.split('.')[-2]})", folded, []),
+    ]
+    lines += ["", "## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, best of 3)", "",
+              "| model | prompt tokens/s | decode tokens/s | decode vs base |", "|---|---|---|---|"]
+    base_decode = None
+    for label, model, adapters in cases:
+        prompt_speed, decode_speed = llama_speed(model, adapters)
+        base_decode = base_decode or decode_speed
+        lines.append(f"| {label} | {prompt_speed:.0f} | {decode_speed:.1f} | {100 * decode_speed / base_decode:.0f} % |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=1, help="enroll this many real 10-item histories in one process")
+    parser.add_argument("--skip-serving", action="store_true", help="leave out the llama.cpp speed table")
+    args = parser.parse_args()
+
+    import torch
+
+    from mta_local.models import load_training_model, resolve_base_model
+
+    threads = torch.get_num_threads()
+    lines = [f"# enroll benchmark ({time.strftime('%Y-%m-%d')})", "", f"machine: {machine()}", ""]
+
+    gflops = matmul_gflops(threads)
+    params = matmul_parameters()
+    roofline = gflops * 1e9 / (4 * params)
+    lines += [f"fp32 matmul: {gflops:.0f} GFLOP/s at {threads} threads",
+              f"matmul parameters (blocks + lm_head): {params / 1e6:.1f} M -> roofline {roofline:.0f} trained tokens/s "
+              "(4 FLOPs per parameter per token)"]
+
+    load_training_model(resolve_base_model())  # the converted-model cache is built once, outside the timings
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        histories = scale_histories(args.users, scratch)
+        report = run_enrolls(histories, scratch / "home")
+        first = report["results"][0]
+        timings = first["timings"]
+        train_speed = first["train_tokens"] / timings["train"]
+        lines += ["", "## enroll of one 10-item history (LaMP-2 example user, default model and bank)", "",
+                  "| stage | seconds |", "|---|---|"]
+        lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in timings.items()]
+        lines += [f"| end to end (in process, imports included) | {first['seconds']:.1f} |", "",
+                  f"stack training: {train_speed:.0f} tokens/s = {100 * train_speed / roofline:.0f} % of the roofline",
+                  f"peak resident memory of the enroll process: {report['peak_rss_kb'] / 1024:.0f} MB",
+                  f"profile on disk: {first['size'] / 1e6:.2f} MB in all, {first['durable'] / 1e6:.2f} MB durable "
+                  f"(without the GGUF export, which is derived); a full rank-8 per-user LoRA (OPPU style, fp16): "
+                  f"{full_lora_bytes() / 1e6:.2f} MB"]
+        if args.users > 1:
+            lines += ["", f"## {args.users} users in one process", "", "| user | seconds | profile MB (durable) |", "|---|---|---|"]
+            lines += [f"| {i + 1} | {r['seconds']:.1f} | {r['size'] / 1e6:.2f} ({r['durable'] / 1e6:.2f}) |"
+                      for i, r in enumerate(report["results"])]
+            lines += [f"total {report['total']:.0f} s; storage {sum(r['size'] for r in report['results']) / 1e6:.1f} MB; "
+                      "the bank is shared and stored once"]
+        if not args.skip_serving:
+            os.environ["MTA_LOCAL_HOME"] = str(scratch / "home")
+            serving_report(scratch, lines)
+    print("\n".join(lines))
+    return 0
+
+
+def full_lora_bytes() -> int:
+    """fp16 bytes of a rank-8 LoRA on every block projection of the default model."""
+    import gguf
+
+    from mta_local.models import resolve_base_model
+
+    reader = gguf.GGUFReader(str(resolve_base_model().path))
+    total = 0
+    for tensor in reader.tensors:
+        if tensor.name.startswith("blk.") and any(p in tensor.name for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_")):
+            fan_in, fan_out = (int(x) for x in tensor.shape)
+            total += 8 * (fan_in + fan_out) * 2
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())
