@@ -136,7 +136,7 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
 @cli.command()
 @click.option("--profile", default="default", show_default=True, help="Profile to chat with.")
 @click.option("-p", "--prompt", help="Ask one question, print the answer and exit.")
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 8192), help="Max tokens per answer.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1, 8192), help="Maximum tokens generated per reply.")
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, 5.0), help="Sampling temperature (0: greedy).")
 @click.option("--history-items", type=click.IntRange(0, 20), help="History items retrieved into each turn (default: as in training).")
 @click.option("--threads", type=click.IntRange(1, 512), help="llama.cpp threads (default: llama.cpp's choice).")

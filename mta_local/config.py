@@ -53,7 +53,7 @@ def profiles_dir() -> Path:
 
 
 def builtin_banks_dir() -> Path:
-    """Return the ``bank/`` folder of the source tree that holds the built-in banks."""
+    """Return the ``bank/`` folder of the source tree that contains the built-in banks."""
     return Path(__file__).resolve().parent.parent / "bank"
 
 

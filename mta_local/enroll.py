@@ -1,6 +1,6 @@
 """Enroll a user: embed -> retrieve anchors -> merge -> fold -> train the stacked adapter -> export.
 
-Each stage is timed; ``EnrollResult.timings`` holds seconds per stage (load, embed, retrieve,
+Each stage is timed, and ``EnrollResult.timings`` maps each stage to its seconds (load, embed, retrieve,
 merge, fold, train, export).
 """
 

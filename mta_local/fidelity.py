@@ -1,9 +1,9 @@
 """Check that llama.cpp applies an exported adapter as transformers does.
 
 Comparisons run on an F32 copy of the base GGUF. On a quantized base, llama.cpp rounds
-activations to 8 bits before each matmul; that rounding is discontinuous, so logits move by up
-to ~0.6 under 1e-6 changes of the adapter and exact comparisons there mean nothing. The F32 copy
-holds the same dequantized weights transformers trains on.
+activations to 8 bits before each matmul. That rounding is discontinuous, so logits move by up to
+about 0.6 under 1e-6 changes of the adapter, and exact comparisons there mean nothing. The F32
+copy contains the same dequantized weights that transformers trains on.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 llama.cpp runs a runtime LoRA as extra graph operations on every projection, which at 135M
 parameters costs more decode time than the adapter's FLOPs suggest. A folded copy runs at the
-base model's speed. It is derived data (bank + recipe + stacked adapter rebuild it) and holds the
+base model's speed. It is derived data (bank + recipe + stacked adapter rebuild it) and contains the
 user's adaptation, so it lives in the private data dir, never in the shared cache.
 
 Folded tensors are re-quantized to Q8_0 by default: Q4_1's step (a 16th of each 32-weight

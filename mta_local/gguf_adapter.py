@@ -3,9 +3,9 @@
 Layout (llama.cpp's LoRA adapter format): header general.architecture = the base architecture,
 general.type = "adapter", adapter.type = "lora", adapter.lora.alpha as FLOAT32; tensors
 "<base tensor>.lora_a" with numpy shape (r, in) and "<base tensor>.lora_b" with shape (out, r).
-llama.cpp scales each tensor pair by alpha / r with r read from lora_b, and one alpha covers the
-whole file; adapters of different ranks are therefore written with their scaling already folded
-into lora_b and alpha equal to the total rank, which makes every scale exactly 1.
+llama.cpp scales each tensor pair by alpha / r, with r read from lora_b, and one alpha covers the
+whole file. Adapters of different ranks are therefore written with their scaling already folded
+into lora_b, and alpha is the total rank, so every scale is exactly 1.
 """
 
 from __future__ import annotations

@@ -157,9 +157,9 @@ def pick_device() -> str:
 def load_training_model(base: BaseModel, device: str | None = None):
     """Load the base GGUF into transformers (dequantized to float32); return (model, tokenizer).
 
-    transformers needs ~20 s on 2 CPU cores to convert a GGUF (tokenizer and dequantization), so
-    the converted model is saved once in the cache dir, keyed by the GGUF's sha256, and later
-    loads read that copy in about a second.
+    transformers needs about 20 s on 2 CPU cores to convert a GGUF (tokenizer and dequantization).
+    The converted model is therefore saved once in the cache dir, keyed by the GGUF's sha256, and
+    later loads read that copy in about a second.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

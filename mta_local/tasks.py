@@ -1,4 +1,4 @@
-"""The personal tasks mta-local knows: their history-item fields, prompts and label sets.
+"""The personal tasks mta-local supports: their history-item fields, prompts and label sets.
 
 Prompts follow the LaMP benchmark as used by the MTA paper: retrieved history items go under
 "### User History:" and the task instruction under "### User Instruction:". History items are
@@ -24,7 +24,7 @@ class Task:
     name: str
     lamp_id: str  # the LaMP benchmark id, or "" for tasks outside LaMP
     input_field: str  # the field holding what the user reacted to
-    output_field: str  # the field holding the user's own answer (the training target)
+    output_field: str  # the field with the user's own output (the training target)
     instruction: Callable[[str], str]  # input text -> instruction text
     history_line: Callable[[dict], str]  # history item -> its line in the "User History" slot
     labels: tuple[str, ...] = ()  # closed label set, empty for free text
