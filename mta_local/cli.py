@@ -144,7 +144,7 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads):
     """Chat with your personalized model through llama.cpp.
 
     The base GGUF is loaded with the profile's adapter, and the adapter is checked
-    to be in effect before the first answer. Each turn gets the most relevant
+    to be in effect before the first reply. Each turn gets the most relevant
     history items (BM25) above it, as in training.
 
     \b
