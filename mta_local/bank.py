@@ -129,16 +129,18 @@ def build_bank(users_path, out_dir, base: BaseModel, embedder_name: str | None, 
         raise BankError(f"no cluster has a user with {build.min_items} or more history items; lower --min-items.")
     logger.info("%d users, %d clusters, %d anchors", len(users), build.clusters, len(anchors))
 
-    # train one LoRA per anchor
-    model, tokenizer = load_training_model(base)
-    render = prompt_renderer(base)
+    # train one LoRA per anchor of this shard; a shard with none skips loading the model
+    numbers = [n for n in range(len(anchors)) if shard is None or n % shard[1] == shard[0]]
+    logger.info("training %d of %d anchors%s", len(numbers), len(anchors), f" (shard {shard[0]}/{shard[1]})" if shard else "")
+    if numbers:
+        model, tokenizer = load_training_model(base)
+        render = prompt_renderer(base)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     records = []
-    for number, (cluster, user_id) in enumerate(anchors):
-        if shard is not None and number % shard[1] != shard[0]:
-            continue
+    for number in numbers:
+        cluster, user_id = anchors[number]
         index = user_ids.index(user_id)
         history = users[index][1]
         if build.max_items:
@@ -331,10 +333,12 @@ def check_file_name(root: Path, name, label: str) -> None:
     fix = "the bank is unsafe to use: rebuild it or get a corrected copy from its publisher."
     if not isinstance(name, str) or not name.endswith(".safetensors"):
         raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
-    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or (root / name).resolve().parent != root.resolve():
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
         raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
     if (root / name).is_symlink():
-        raise BankError(f"{label}: anchor file {name!r} is a symbolic link; a bank must hold its own files, {fix}")
+        raise BankError(f"{label}: anchor file {name!r} is a symbolic link; a bank must hold its own files, so {fix}")
+    if (root / name).resolve().parent != root.resolve():
+        raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
 
 
 @lru_cache(maxsize=4)
