@@ -213,7 +213,7 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads):
 
 @cli.group()
 def bank():
-    """Build and inspect meta-LoRA banks."""
+    """Build, pull, assemble and inspect meta-LoRA banks."""
 
 
 @bank.command("build")
