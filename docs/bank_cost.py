@@ -4,7 +4,7 @@
     python docs/bank_cost.py path/to/bank-folder
 
 The figures are the ones `mta-local bank build` recorded while it trained (train_seconds,
-train_tokens, n_trained per anchor); they depend on the machine and its load at that time.
+train_tokens, n_trained per anchor). They depend on the machine and its load at that time.
 """
 
 import sys

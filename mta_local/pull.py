@@ -50,7 +50,7 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclass
 class PullResult:
-    """What ``pull_bank`` installed."""
+    """Summary of one bank installed by ``pull_bank``."""
 
     name: str  # folder name under the installed banks folder
     path: Path
@@ -150,7 +150,7 @@ class _RemoteSource:
             response = self.opener.open(urllib.request.Request(url, headers=headers), timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and offset:
-                return 0  # the .part file already holds the whole file; the sha256 check decides
+                return 0  # the .part file already contains the whole file, and the sha256 check decides
             raise BankError(f"{name}: HTTP {exc.code} {exc.reason} for {url}; check that the bank URL serves every "
                             "file its manifest lists.") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -159,6 +159,9 @@ class _RemoteSource:
         with response:
             if offset and response.status != 206:
                 offset = 0  # the server ignored the Range header and sends the whole file
+            elif offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                part.unlink()  # a range other than the one requested: start the next attempt from zero
+                raise _Interrupted(0, None, f"unexpected Content-Range {response.headers.get('Content-Range')!r}")
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length and length.isdigit() else None
             received = offset
@@ -348,8 +351,15 @@ def _pull(origin, base: BaseModel, name: str | None, progress) -> PullResult:
         part = target.with_name(target.name + ".part")
         if isinstance(origin, _LocalSource):
             part.unlink(missing_ok=True)
+        resumed = part.exists()
         fetched += origin.fetch(anchor["file"], part, progress)
         digest = hash_file(part)
+        if digest != anchor["sha256"] and resumed:
+            # the .part file may come from an older version of the bank on the server
+            logger.warning("%s: sha256 mismatch after resuming a .part file; downloading it again from the start", anchor["file"])
+            part.unlink()
+            fetched += origin.fetch(anchor["file"], part, progress)
+            digest = hash_file(part)
         if digest != anchor["sha256"]:
             part.unlink()
             raise BankError(f"{anchor['file']} from {origin.label}: sha256 {digest[:12]}... does not match the "

@@ -18,8 +18,8 @@ from .models import hash_file
 
 logger = logging.getLogger(__name__)
 
-# manifest fields that must be equal in every shard of one bank; clustering holds the users
-# file's name and sha256, the K-Means labels and the user count
+# manifest fields that must be equal in every shard of one bank. clustering contains the users
+# file's name and sha256, the K-Means labels and the user count.
 SHARED_FIELDS = ("format_version", "bank_id", "task", "base_model", "embedder", "lora", "build", "clustering")
 
 

@@ -179,6 +179,19 @@ def test_interrupted_pull_resumes_next_run(server, bank_cache, small_bank):
     assert (f"/movies-1/{ANCHOR}", f"bytes={part_size}-") in server.requests
 
 
+def test_stale_part_downloaded_again(server, bank_cache):
+    staging = bank_cache / ".movies-1.pull"
+    staging.mkdir(parents=True)
+    (staging / (ANCHOR + ".part")).write_bytes(b"an older version of the file")
+
+    result = pull(f"{server.url}/movies-1/")
+
+    ranges = [r for path, r in server.requests if path.endswith(ANCHOR)]
+    assert result.exit_code == 0, result.output
+    assert ranges == ["bytes=28-", None]
+    assert Bank(bank_cache / "movies-1").load_anchor("lamp2-movies/8000002").rank == 8
+
+
 def write_junk(folder):
     junk = b"not a safetensors file\n" * 100
     (folder / ANCHOR).write_bytes(junk)
