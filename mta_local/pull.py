@@ -370,8 +370,12 @@ def _pull(origin, base: BaseModel, name: str | None, progress) -> PullResult:
     # drop files an earlier pull of another version of this bank left behind
     listed = {MANIFEST} | {anchor["file"] for anchor in bank.anchors}
     for leftover in staging.iterdir():
-        if leftover.name not in listed:
-            shutil.rmtree(leftover) if leftover.is_dir() and not leftover.is_symlink() else leftover.unlink()
+        if leftover.name in listed:
+            continue
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
 
     bank.check_base_model(base)
     target = installed_banks_dir() / name
