@@ -80,7 +80,7 @@ class BankHandler(http.server.BaseHTTPRequestHandler):
 def server(tmp_path, small_bank):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BankHandler)
     httpd.root, httpd.mode, httpd.cut_done, httpd.requests = small_bank.parent, "normal", False, []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     yield httpd
