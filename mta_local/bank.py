@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from . import __version__
 from .config import LoraConfig, builtin_banks_dir, cache_dir
 from .errors import BankError, HistoryError
 from .history import parse_history, training_examples
-from .merge import LoraWeights
+from .merge import PEFT_PREFIX, LoraWeights
 from .models import BaseModel, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,14 @@ class BuildConfig:
 
 
 def build_bank(users_path, out_dir, base: BaseModel, embedder_name: str | None, build: BuildConfig,
-               lora: LoraConfig, task: str | None = None, progress=None) -> dict:
+               lora: LoraConfig, task: str | None = None, progress=None,
+               shard: tuple[int, int] | None = None) -> dict:
     """Build a bank from a users file into ``out_dir``; return the manifest.
 
     The bank is written to a temporary sibling folder and renamed into place when complete.
+    With ``shard=(i, n)`` every shard clusters all users the same way but trains only anchors
+    number i, i + n, i + 2n, ...; the result is a shard manifest that ``assemble_shards`` joins
+    with the other shards into one bank.
     """
     from .embed import load_embedder, user_embedding
     from .models import load_training_model
@@ -124,14 +129,18 @@ def build_bank(users_path, out_dir, base: BaseModel, embedder_name: str | None, 
         raise BankError(f"no cluster has a user with {build.min_items} or more history items; lower --min-items.")
     logger.info("%d users, %d clusters, %d anchors", len(users), build.clusters, len(anchors))
 
-    # train one LoRA per anchor
-    model, tokenizer = load_training_model(base)
-    render = prompt_renderer(base)
+    # train one LoRA per anchor of this shard; a shard with none skips loading the model
+    numbers = [n for n in range(len(anchors)) if shard is None or n % shard[1] == shard[0]]
+    logger.info("training %d of %d anchors%s", len(numbers), len(anchors), f" (shard {shard[0]}/{shard[1]})" if shard else "")
+    if numbers:
+        model, tokenizer = load_training_model(base)
+        render = prompt_renderer(base)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     records = []
-    for number, (cluster, user_id) in enumerate(anchors):
+    for number in numbers:
+        cluster, user_id = anchors[number]
         index = user_ids.index(user_id)
         history = users[index][1]
         if build.max_items:
@@ -166,12 +175,16 @@ def build_bank(users_path, out_dir, base: BaseModel, embedder_name: str | None, 
         "lora": lora.to_dict(),
         "build": asdict(build),
         "clustering": {"users": len(users), "users_file": Path(users_path).name,
+                       "users_sha256": file_sha256(Path(users_path).resolve()),
                        "method": "k-means over mean item embeddings",
                        "labels": {user_id: int(label) for user_id, label in zip(user_ids, labels)}},
         "anchors": records,
         "created_by": f"mta-local {__version__}",
         "build_seconds": round(time.perf_counter() - started, 1),
     }
+    if shard is not None:
+        # every shard lists all anchors so that assembling can prove each was trained exactly once
+        manifest["shard"] = {"index": shard[0], "count": shard[1], "anchors": [user_id for _, user_id in anchors]}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     _replace_dir(partial, out_dir)
     return manifest
@@ -196,17 +209,27 @@ def _replace_dir(new: Path, target: Path) -> None:
 # loading
 
 class Bank:
-    """An installed or built-in bank, validated on open."""
+    """An installed or built-in bank, validated on open.
 
-    def __init__(self, path: Path):
-        self.path = path
-        manifest_path = path / MANIFEST
+    ``label`` names the bank in error messages (a URL or archive while a pull checks it);
+    it defaults to the folder.
+    """
+
+    def __init__(self, path: Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        manifest_path = self.path / MANIFEST
+        if manifest_path.is_symlink():
+            raise BankError(f"{self.label}: {MANIFEST} is a symbolic link; a bank must hold its own files. "
+                            "Copy the real file into the bank folder or pull the bank again.")
         if not manifest_path.is_file():
-            raise BankError(f"{path}: no {MANIFEST}; this folder is not a bank. Build one with `mta-local bank build`.")
+            raise BankError(f"{self.label}: no {MANIFEST}; this folder is not a bank. Build one with `mta-local bank build`.")
         try:
             self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise BankError(f"{manifest_path}: invalid JSON ({exc.msg}); reinstall the bank.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BankError(f"{self.label}: {MANIFEST} is not valid JSON ({exc}); reinstall the bank.") from None
+        if not isinstance(self.manifest, dict):
+            raise BankError(f"{self.label}: {MANIFEST} must hold a JSON object; reinstall the bank.")
         self._validate()
 
     @property
@@ -224,19 +247,34 @@ class Bank:
     def _validate(self) -> None:
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise BankError(f"{self.path}: bank format version {version!r} is not understood (expected "
+            raise BankError(f"{self.label}: bank format version {version!r} is not understood (expected "
                             f"{FORMAT_VERSION}); upgrade mta-local or rebuild the bank.")
-        for anchor in self.manifest.get("anchors", []):
-            name = anchor.get("file", "")
-            resolved = (self.path / name).resolve()
-            if (Path(name).is_absolute() or ".." in Path(name).parts or not name.endswith(".safetensors")
-                    or resolved.parent != self.path.resolve()):
-                raise BankError(f"{self.path}: anchor file {name!r} must be a .safetensors file inside the bank folder.")
-        if not self.manifest.get("anchors"):
-            raise BankError(f"{self.path}: the bank lists no anchors; rebuild it.")
+        if "shard" in self.manifest:
+            shard = self.manifest["shard"]
+            raise BankError(f"{self.label}: this is shard {shard.get('index')}/{shard.get('count')} of a bank, not a "
+                            "whole bank; join all shards with `mta-local bank assemble SHARD_DIR... --out DIR`.")
+        missing = [key for key in ("bank_id", "task", "base_model", "embedder", "lora", "anchors") if key not in self.manifest]
+        if missing:
+            raise BankError(f"{self.label}: {MANIFEST} lacks {', '.join(missing)}; rebuild the bank.")
+        for anchor in self.manifest["anchors"]:
+            for key in ("id", "file", "sha256", "embedding"):
+                if key not in anchor:
+                    raise BankError(f"{self.label}: anchor {anchor.get('id', '?')!r} lacks {key!r}; rebuild the bank.")
+            check_file_name(self.path, anchor["file"], self.label)
+        if not self.manifest["anchors"]:
+            raise BankError(f"{self.label}: the bank lists no anchors; rebuild it.")
 
     def check_compatible(self, base: BaseModel, embedder_name: str) -> None:
         """Raise BankError unless the bank was built for this base model and embedder."""
+        self.check_base_model(base)
+        if self.manifest["embedder"]["name"] != embedder_name:
+            raise BankError(
+                f"bank {self.bank_id} was built with embedder {self.manifest['embedder']['name']!r}, not "
+                f"{embedder_name!r}; pass --embedder {self.manifest['embedder']['name']} or use another bank."
+            )
+
+    def check_base_model(self, base: BaseModel) -> None:
+        """Raise BankError unless the bank's recorded base model and its anchors' tensors fit ``base``."""
         recorded = self.manifest["base_model"]
         if recorded["sha256"] != base.sha256:
             raise BankError(
@@ -244,11 +282,33 @@ class Bank:
                 f"{recorded['sha256'][:12]}...) but the base model is {base.path.name} (sha256 {base.sha256[:12]}...). "
                 "Pass the matching --model or a bank built for this model."
             )
-        if self.manifest["embedder"]["name"] != embedder_name:
-            raise BankError(
-                f"bank {self.bank_id} was built with embedder {self.manifest['embedder']['name']!r}, not "
-                f"{embedder_name!r}; pass --embedder {self.manifest['embedder']['name']} or use another bank."
-            )
+        self.check_tensors(base)
+
+    def check_tensors(self, base: BaseModel) -> None:
+        """Check each anchor file's safetensors header: lora_A/lora_B names and shapes must fit ``base``.
+
+        Only the header is read (safetensors.safe_open), so this costs milliseconds per anchor.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        base_shapes = base_linear_shapes(str(base.path))
+        rank = self.manifest["lora"]["rank"]
+        for anchor in self.anchors:
+            path = self.path / anchor["file"]
+            try:
+                with safe_open(str(path), "pt") as handle:
+                    shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            except (SafetensorError, OSError) as exc:
+                raise BankError(f"{self.label}: {anchor['file']} is not a readable safetensors file ({exc}); "
+                                "pull or rebuild the bank.") from None
+            for key, shape in shapes.items():
+                expected = _expected_lora_shape(key, base_shapes, rank)
+                if expected is None:
+                    raise BankError(f"{self.label}: {anchor['file']} holds tensor {key!r}, which is not a lora_A/lora_B "
+                                    f"of a {base.path.name} linear layer; use a bank built for this base model.")
+                if shape != expected:
+                    raise BankError(f"{self.label}: {anchor['file']} tensor {key} has shape {list(shape)} but "
+                                    f"{base.path.name} needs {list(expected)} (rank {rank}); use a bank built for this base model.")
 
     def anchor_embeddings(self) -> tuple[list[str], np.ndarray]:
         ids = [anchor["id"] for anchor in self.anchors]
@@ -266,6 +326,47 @@ class Bank:
             raise BankError(f"{path}: missing or its sha256 does not match the manifest; reinstall the bank.")
         lora = self.manifest["lora"]
         return LoraWeights.from_peft_state_dict(load_file(str(path)), lora["alpha"] / lora["rank"])
+
+
+def check_file_name(root: Path, name, label: str) -> None:
+    """Raise BankError unless ``name`` is a plain .safetensors file name inside ``root`` (no link)."""
+    fix = "the bank is unsafe to use: rebuild it or get a corrected copy from its publisher."
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
+    if Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+        raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
+    if (root / name).is_symlink():
+        raise BankError(f"{label}: anchor file {name!r} is a symbolic link; a bank must hold its own files, so {fix}")
+    if (root / name).resolve().parent != root.resolve():
+        raise BankError(f"{label}: anchor file {name!r} must be a .safetensors file inside the bank folder; {fix}")
+
+
+@lru_cache(maxsize=4)
+def base_linear_shapes(gguf_path: str) -> dict[str, tuple[int, int]]:
+    """Return {GGUF tensor name: (out_features, in_features)} of a base GGUF's 2-D tensors."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    # GGUF lists dimensions innermost first, the reverse of torch's (out, in)
+    return {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors if len(t.shape) == 2}
+
+
+def _expected_lora_shape(key: str, base_shapes: dict, rank: int) -> tuple[int, int] | None:
+    from .errors import UnsupportedModelError
+    from .gguf_adapter import gguf_tensor_name
+
+    module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+    if not key.startswith(PEFT_PREFIX) or part not in ("A.weight", "B.weight"):
+        return None
+    try:
+        name = gguf_tensor_name(module)
+    except UnsupportedModelError:
+        return None
+    if name not in base_shapes:
+        return None
+    out_features, in_features = base_shapes[name]
+    # lora_A maps the input to the rank (r, in); lora_B maps the rank to the output (out, r)
+    return (rank, in_features) if part == "A.weight" else (out_features, rank)
 
 
 def builtin_banks() -> dict[str, Path]:
@@ -287,8 +388,23 @@ def open_bank(name_or_path: str | None, task: str) -> Bank:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return Bank(path)
-    for candidate in (builtin_banks().get(name_or_path), cache_dir() / "banks" / name_or_path):
-        if candidate is not None and candidate.is_dir():
+    # an installed bank takes precedence over a built-in one of the same name: pulling is explicit
+    for candidate in (installed_banks_dir() / name_or_path, builtin_banks().get(name_or_path)):
+        if candidate is not None and candidate.is_dir() and not name_or_path.startswith("."):
             return Bank(candidate)
-    raise BankError(f"bank {name_or_path!r} not found as a folder, built-in bank or installed bank. "
-                    f"Built-in banks: {', '.join(builtin_banks()) or 'none'}.")
+    raise BankError(f"bank {name_or_path!r} not found as a folder, built-in bank or installed bank "
+                    f"(built-in: {', '.join(builtin_banks()) or 'none'}). Install it with `mta-local bank pull SOURCE` "
+                    "or pass --bank PATH.")
+
+
+def installed_banks_dir() -> Path:
+    """Return the folder that holds pulled banks, one subfolder per bank name."""
+    return cache_dir() / "banks"
+
+
+def installed_banks() -> dict[str, Path]:
+    root = installed_banks_dir()
+    if not root.is_dir():
+        return {}
+    return {path.name: path for path in sorted(root.iterdir())
+            if not path.name.startswith(".") and path.is_dir() and (path / MANIFEST).exists()}

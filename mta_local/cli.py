@@ -78,6 +78,36 @@ def _progress_bar(label: str, silent: bool):
     return callback, close
 
 
+def _download_bars(silent: bool):
+    """Return (callback, close) drawing one byte-sized click progress bar per downloaded file."""
+    if silent or not sys.stderr.isatty():
+        return (lambda name, done, total: None), lambda: None
+    state = {"name": None, "bar": None, "done": 0}
+
+    def close():
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+            state["bar"] = None
+
+    def callback(name, done, total):
+        if name != state["name"] or done < state["done"]:
+            close()
+            state.update(name=name, done=0, bar=click.progressbar(length=total, label=name, file=sys.stderr))
+            state["bar"].__enter__()
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+    return callback, close
+
+
+def _parse_shard(ctx, param, value):
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit()) or int(count) < 1 or int(index) >= int(count):
+        raise click.BadParameter(f"{value!r} is not I/N with 0 <= I < N, e.g. 0/4.")
+    return int(index), int(count)
+
+
 # ---------------------------------------------------------------------------------------------
 # enroll
 
@@ -183,7 +213,7 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads):
 
 @cli.group()
 def bank():
-    """Build and inspect meta-LoRA banks."""
+    """Build, pull, assemble and inspect meta-LoRA banks."""
 
 
 @bank.command("build")
@@ -201,14 +231,19 @@ def bank():
 @click.option("--model", help="Base model GGUF (default: packaged SmolLM2-135M-Instruct Q4_1).")
 @click.option("--embedder", help="Embedder name or folder (default: all-MiniLM-L6-v2).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--shard", callback=_parse_shard, metavar="I/N",
+              help="Train only anchors i with i mod N = I and write a shard; join all N with `bank assemble`.")
 @click.option("--silent", is_flag=True, help="No progress bar.")
-def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs, learning_rate, rank, max_tokens, model, embedder, seed, silent):
+def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs, learning_rate, rank, max_tokens, model, embedder, seed, shard, silent):
     """Cluster users, pick one anchor per cluster and train one LoRA per anchor.
 
     USERS is a JSON list of LaMP-format users: [{"user_id": ..., "profile": [history items]}].
+    With --shard I/N, N machines or GPUs build one bank together: each runs the
+    same command with its own I, then `bank assemble` joins the N shard folders.
 
     \b
     mta-local bank build data/lamp2/bank_users.json --out bank/lamp2-movies --clusters 4
+    CUDA_VISIBLE_DEVICES=1 mta-local bank build users.json --out shards/1 --shard 1/4
     """
     from .bank import BuildConfig, build_bank
     from .models import resolve_base_model
@@ -217,25 +252,101 @@ def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs
     build = BuildConfig(bank_id=bank_id or out.name, clusters=clusters, min_items=min_items, max_items=max_items, seed=seed)
     callback, close = _progress_bar("training anchor", silent)
     try:
-        manifest = build_bank(users, out, resolve_base_model(model), embedder, build, lora, task=task, progress=callback)
+        manifest = build_bank(users, out, resolve_base_model(model), embedder, build, lora, task=task, progress=callback,
+                              shard=shard)
     finally:
         close()
-    click.echo(f"bank {manifest['bank_id']} ({manifest['task']}): {len(manifest['anchors'])} anchors from "
+    part = f"shard {shard[0]}/{shard[1]} of " if shard else ""
+    click.echo(f"{part}bank {manifest['bank_id']} ({manifest['task']}): {len(manifest['anchors'])} anchors from "
                f"{manifest['clustering']['users']} users in {manifest['build_seconds']:.0f} s -> {out}")
+    if shard:
+        click.echo(f"next: build the other shards, then mta-local bank assemble SHARD_DIR... --out DIR", err=True)
+
+
+@bank.command("assemble")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the bank to (replaced when done).")
+def bank_assemble(shards, out):
+    """Join the shard folders of `bank build --shard I/N` into one bank.
+
+    The shards must come from the same users file, clustering, seed, LoRA config,
+    base model and embedder, and together hold each anchor exactly once.
+
+    \b
+    mta-local bank assemble shards/0 shards/1 shards/2 shards/3 --out bank/my-bank
+    """
+    from .shards import assemble_shards
+
+    manifest = assemble_shards(list(shards), out)
+    click.echo(f"bank {manifest['bank_id']} ({manifest['task']}): {len(manifest['anchors'])} anchors from "
+               f"{len(shards)} shards -> {out}")
+
+
+@bank.command("pull")
+@click.argument("source")
+@click.option("--index", metavar="URL", help="Bank index (JSON) to look SOURCE up in as a bank name.")
+@click.option("--name", help="Name to install the bank under (default: its index name or bank_id).")
+@click.option("--model", help="Base model GGUF the bank must fit (default: packaged SmolLM2-135M-Instruct Q4_1).")
+@click.option("--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600), help="Seconds to wait for the server per connection and per read.")
+@click.option("--silent", is_flag=True, help="No progress bar.")
+def bank_pull(source, index, name, model, timeout, silent):
+    """Install a bank into the cache, checking every file before use.
+
+    SOURCE is a built-in bank name, a bank folder, a .tar.gz/.zip archive of one,
+    an http(s) URL of a bank folder (serving manifest.json and the files it lists),
+    or an http(s) URL of an index.json. Each file's sha256 is checked against the
+    manifest and each anchor's tensor shapes against the base model. An interrupted
+    download resumes when the same command runs again; the installed bank is only
+    replaced when the whole pull succeeds.
+
+    \b
+    mta-local bank pull https://example.org/banks/lamp2-movies/
+    mta-local bank pull lamp2-movies --index https://example.org/banks/index.json
+    mta-local bank pull ./lamp2-movies.tar.gz --name movies
+    """
+    from .models import resolve_base_model
+    from .pull import pull_bank
+
+    callback, close = _download_bars(silent)
+    try:
+        result = pull_bank(source, resolve_base_model(model), name=name, index=index, timeout=timeout, progress=callback)
+    finally:
+        close()
+    click.echo(f"bank {result.name} ({result.anchors} anchors, {result.fetched_bytes / 1e6:.1f} MB fetched, "
+               f"{result.reused_files} files reused) installed in {result.path}")
+    click.echo(f"next: mta-local enroll HISTORY --bank {result.name}", err=True)
+
+
+@bank.command("remove")
+@click.argument("name")
+def bank_remove(name):
+    """Delete an installed bank from the cache (built-in banks stay).
+
+    \b
+    mta-local bank remove lamp2-movies
+    """
+    from .pull import remove_bank
+
+    click.echo(f"removed {remove_bank(name)}")
 
 
 @bank.command("list")
 def bank_list():
-    """List built-in and installed banks."""
-    from .bank import Bank, builtin_banks
+    """List built-in and installed banks: name, kind, task, anchors, folder.
 
-    found = dict(builtin_banks())
-    installed = cache_dir() / "banks"
-    if installed.is_dir():
-        found.update({p.name: p for p in sorted(installed.iterdir()) if (p / "manifest.json").is_file()})
-    for name, path in found.items():
-        the_bank = Bank(path)
-        click.echo(f"{name}\t{the_bank.task}\t{len(the_bank.anchors)} anchors\t{path}")
+    An installed bank shadows a built-in one of the same name.
+    """
+    from .bank import Bank, builtin_banks, installed_banks
+
+    found = [(name, "built-in", path) for name, path in builtin_banks().items()]
+    found += [(name, "installed", path) for name, path in installed_banks().items()]
+    for name, kind, path in found:
+        try:
+            the_bank = Bank(path)
+        except MtaError as exc:
+            click.echo(f"{name}\t{kind}\tinvalid: {exc}\t{path}")
+            continue
+        click.echo(f"{name}\t{kind}\t{the_bank.task}\t{len(the_bank.anchors)} anchors\t{path}")
 
 
 @bank.command("info")

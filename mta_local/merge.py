@@ -21,7 +21,7 @@ from .errors import BankError
 
 logger = logging.getLogger(__name__)
 
-_PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -49,7 +49,7 @@ class LoraWeights:
         """Build from a PEFT adapter state dict (keys ``base_model.model.<module>.lora_A.weight``)."""
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
-            module, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+            module, _, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if part not in ("A.weight", "B.weight"):
                 raise BankError(f"unexpected tensor {key!r} in a LoRA state dict; expected lora_A/lora_B weights.")
             pairs.setdefault(module, {})[part[0]] = value
@@ -63,8 +63,8 @@ class LoraWeights:
     def to_peft_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         state = {}
         for module, (lora_a, lora_b) in self.tensors.items():
-            state[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
-            state[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
+            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = lora_b.to(dtype).contiguous()
         return state
 
 

@@ -119,6 +119,12 @@ def _read_base_model(path: str, name: str) -> BaseModel:
 
 @lru_cache(maxsize=16)
 def file_sha256(path: Path) -> str:
+    """Return a file's sha256, cached per path: use for files that do not change (base models)."""
+    return hash_file(path)
+
+
+def hash_file(path: Path) -> str:
+    """Return a file's sha256 hex digest, read now (no cache)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from mta_local.cli import cli
 
-COMMANDS = [["enroll"], ["chat"], ["bank", "build"], ["bank", "list"], ["bank", "info"], ["profiles"], ["paths"]]
+COMMANDS = [["enroll"], ["chat"], ["bank", "build"], ["bank", "list"], ["bank", "info"], ["bank", "pull"],
+            ["bank", "remove"], ["bank", "assemble"], ["profiles"], ["paths"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -16,7 +17,8 @@ def test_help_available(command):
     assert "Usage: " in result.output
 
 
-@pytest.mark.parametrize("command", [["enroll"], ["chat"], ["bank", "build"]], ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("command", [["enroll"], ["chat"], ["bank", "build"], ["bank", "pull"], ["bank", "assemble"]],
+                         ids=lambda c: " ".join(c))
 def test_help_shows_examples(command):
     result = CliRunner().invoke(cli, command + ["--help"], catch_exceptions=False)
 
@@ -84,5 +86,5 @@ def test_paths_follow_home(user_home, monkeypatch):
 def test_builtin_banks_listed():
     result = CliRunner().invoke(cli, ["bank", "list"], catch_exceptions=False)
 
-    assert "lamp2-movies\tmovie_tagging" in result.output
-    assert "amazon-rating\tproduct_rating" in result.output
+    assert "lamp2-movies\tbuilt-in\tmovie_tagging" in result.output
+    assert "amazon-rating\tbuilt-in\tproduct_rating" in result.output
