@@ -1,10 +1,10 @@
 """An OpenAI-compatible chat server: one base model in llama.cpp, any number of profiles.
 
 ``POST /v1/chat/completions`` with ``model`` = a profile name (``base`` for none) and
-``GET /v1/models``. Each profile's adapter is loaded once; a request activates exactly its own
-adapter with llama_set_adapters_lora (none for ``base``) and clears the cached prompt state, so
-nothing computed under one profile's adapter reaches another profile's request. Requests run one
-at a time behind a lock because they share one llama.cpp context.
+``GET /v1/models``. Each profile's adapter is loaded once. A request activates exactly its own
+adapter with llama_set_adapters_lora (none for ``base``), and an adapter switch clears the cached
+prompt state, so nothing computed under one profile's adapter reaches another profile's request.
+Requests run one at a time behind a lock because they share one llama.cpp context.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class ProfileServer:
         logger.debug("active adapter: %s", name)
 
     def prompt_messages(self, name: str, messages: list[dict]) -> list[dict]:
-        """Return the messages as the model sees them: each user turn with the profile's history items above it."""
+        """Return the messages as the model receives them: each user turn with the profile's history items above it."""
         if name == BASE_MODEL_ID:
             return [dict(m) for m in messages]
         return self.profiles[name].turns.messages(messages)
@@ -155,6 +155,7 @@ def make_handler(server: ProfileServer):
             self.wfile.write(body)
 
         def _error(self, status: int, message: str) -> None:
+            logger.info("%s %s -> %d: %s", self.command, self.path, status, message)
             self._json(status, {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}})
 
         def do_GET(self):
@@ -186,8 +187,7 @@ def make_handler(server: ProfileServer):
                     self._json(200, completion_object(request_id, request["model"], text))
                 logger.info("%s stop: %.2f s", request_id, time.perf_counter() - started)
             except RequestError as exc:
-                logger.info("%s rejected: %s", request_id, exc)
-                self._error(exc.status, str(exc))
+                self._error(exc.status, f"{exc}")
             except (BrokenPipeError, ConnectionResetError):
                 logger.warning("%s: client disconnected", request_id)
             except Exception as exc:  # noqa: BLE001 - one failed request must not stop the server
