@@ -154,7 +154,7 @@ def test_export_separate_needs_gguf(enrolled, in_home):
 # verify
 
 def test_verify_passes(enrolled, in_home):
-    result = invoke("verify", "--prompts", "3")
+    result = invoke("verify", "--prompts", "2")
 
     assert result.exit_code == 0, result.output
     assert result.output.count("ok\t") == 3
@@ -205,8 +205,8 @@ def post(url, payload):
         return response.status, response.read().decode()
 
 
-def ask(url, model, max_tokens=8):
-    status, body = post(url, {"model": model, "messages": [{"role": "user", "content": QUERY}],
+def ask(url, model, max_tokens=8, content=QUERY):
+    status, body = post(url, {"model": model, "messages": [{"role": "user", "content": content}],
                               "max_tokens": max_tokens, "temperature": 0})
     assert status == 200
     return json.loads(body)["choices"][0]["message"]["content"]
@@ -259,11 +259,11 @@ def rss_bytes() -> int:
 
 def test_serve_switching_keeps_memory_flat(server):
     for model in ("default", "other", "base"):
-        ask(server[1], model, max_tokens=1)
+        ask(server[1], model, max_tokens=1, content="A heist film.")
     before = rss_bytes()
 
     for index in range(50):
-        ask(server[1], ("default", "other")[index % 2], max_tokens=1)
+        ask(server[1], ("default", "other")[index % 2], max_tokens=1, content="A heist film.")
 
     assert rss_bytes() - before < 50 * 1024 * 1024
 
@@ -276,9 +276,9 @@ def test_serve_prompt_equals_training_prompt(server, in_home):
 
     profiles = server[0]
     history = parse_history(load_profile("default").history())
-    query_input = history.task.extract_input(QUERY)
-    trained = prompt_renderer(profiles.base)(build_prompt(history.task, query_input, Retriever(history).lines(query_input, 1)))
+    description = "A young boy learns he is a wizard and attends a school of magic."
+    trained = prompt_renderer(profiles.base)(build_prompt(history.task, description, Retriever(history).lines(description, 1)))
 
-    served = profiles.prompt_text("default", [{"role": "user", "content": QUERY}])
+    served = profiles.prompt_text("default", [{"role": "user", "content": history.task.instruction(description)}])
 
     assert served == trained
