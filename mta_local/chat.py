@@ -80,6 +80,43 @@ def last_logits(llm, text: str) -> np.ndarray:
     return logits
 
 
+def load_lora(llm, path: Path):
+    """Load a GGUF LoRA for ``llm``'s model without activating it; it is freed with ``llm``."""
+    import llama_cpp
+
+    if not Path(path).is_file():
+        raise AdapterNotAppliedError(f"adapter {path} not found; enroll again to recreate the profile.")
+    with _quiet_stderr():
+        handle = llama_cpp.llama_adapter_lora_init(llm._model.model, str(path).encode("utf-8"))
+    if handle is None:
+        raise AdapterNotAppliedError(f"llama.cpp rejected the adapter {path}; export it again with `mta-local enroll`.")
+    llm._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
+    return handle
+
+
+def set_loras(llm, handles: list, scales: list[float] | None = None) -> None:
+    """Make exactly ``handles`` the active adapters of ``llm`` (none for the base model) and drop cached state.
+
+    llama-cpp-python reuses the KV cache of the longest common token prefix between the previous
+    and the next prompt (it compares ``llm._input_ids``); that state was computed under the
+    previous adapters, so the token count is reset and the KV memory cleared on every call.
+    """
+    import ctypes
+
+    import llama_cpp
+
+    scales = [1.0] * len(handles) if scales is None else scales
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * max(len(handles), 1))(*handles)
+    values = (ctypes.c_float * max(len(handles), 1))(*scales)
+    if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters if handles else None, len(handles),
+                                         values if handles else None):
+        raise AdapterNotAppliedError("llama.cpp failed to set the adapters; check the llama-cpp-python version (0.3.36 is tested).")
+    llm.reset()
+    memory = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    if memory is not None:
+        llama_cpp.llama_memory_clear(memory, True)
+
+
 def probe_prompt(base: BaseModel, task: str, history_items: list[dict]) -> str:
     item = history_items[0]
     return render_messages(base, [{"role": "user", "content": TASKS[task].instruction(str(item[TASKS[task].input_field]))}])
@@ -114,20 +151,14 @@ def verify_applied(llm, profile: Profile, base: BaseModel) -> float:
     return to_adapted
 
 
-class ChatSession:
-    """A loaded profile: base GGUF + the profile's adapter, ready for chat completions."""
+class HistoryTurns:
+    """A profile's history retrieval: puts the most relevant history items above each user turn, as in training."""
 
-    def __init__(self, profile: Profile, history_in_prompt: int | None = None, n_ctx: int = 2048,
-                 threads: int | None = None, seed: int = 0):
-        self.profile = profile
-        self.base = resolve_base_model(profile.recipe["base_model"]["path"])
-        self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
-        verify_applied(self.llm, profile, self.base)
+    def __init__(self, profile: Profile, history_in_prompt: int | None = None):
         task = profile.recipe["task"]
         self.retriever = Retriever(parse_history(profile.history(), source=str(profile.path), task=task))
         self.task = TASKS[task]
         self.k = profile.recipe.get("history_in_prompt", 1) if history_in_prompt is None else history_in_prompt
-        self.messages: list[dict] = []
 
     def user_content(self, text: str, exclude: int | None = None) -> str:
         """Return the user turn as trained: retrieved history items above the user's instruction.
@@ -137,6 +168,27 @@ class ChatSession:
         """
         query = self.task.extract_input(text) or text
         return with_history(text, self.retriever.lines(query, self.k, exclude=exclude))
+
+    def messages(self, messages: list[dict]) -> list[dict]:
+        """Return ``messages`` with every user turn augmented, as ``chat`` stores its own turns."""
+        return [{**m, "content": self.user_content(m["content"])} if m.get("role") == "user" else dict(m)
+                for m in messages]
+
+
+class ChatSession:
+    """A loaded profile: base GGUF + the profile's adapter, ready for chat completions."""
+
+    def __init__(self, profile: Profile, history_in_prompt: int | None = None, n_ctx: int = 2048,
+                 threads: int | None = None, seed: int = 0):
+        self.profile = profile
+        self.base = resolve_base_model(profile.recipe["base_model"]["path"])
+        self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
+        verify_applied(self.llm, profile, self.base)
+        self.turns = HistoryTurns(profile, history_in_prompt)
+        self.messages: list[dict] = []
+
+    def user_content(self, text: str, exclude: int | None = None) -> str:
+        return self.turns.user_content(text, exclude)
 
     def prompt_text(self, messages: list[dict]) -> str:
         return render_messages(self.base, messages)

@@ -72,6 +72,8 @@ class LoraConfig:
     seed: int = 0  # seeds torch, the shuffle and the LoRA initialisation
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(r); enroll rejects it (GGUF export assumes alpha / r)
+    use_dora: bool = False  # weight-decomposed LoRA; enroll rejects it (GGUF LoRA adapters cannot carry its magnitude vector)
 
     def to_dict(self) -> dict:
         data = asdict(self)

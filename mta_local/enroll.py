@@ -49,16 +49,29 @@ class EnrollResult:
         return self.size_bytes - (self.profile_path / ADAPTER_GGUF).stat().st_size
 
 
-def check_stack_config(stack: LoraConfig) -> None:
-    """Reject stacked-adapter settings the GGUF exporter cannot reproduce, before any training."""
+def check_stack_config(stack: LoraConfig, label: str = "stacked adapter") -> None:
+    """Reject LoRA settings the exporters cannot reproduce, before any training."""
     if stack.rank < 1:
-        raise UnsupportedModelError(f"stacked adapter rank must be at least 1, got {stack.rank}; pass --rank 4.")
-    forbidden = {"lm_head", "embed_tokens"} & set(stack.target_modules)
+        raise UnsupportedModelError(f"{label} rank must be at least 1, got {stack.rank}; pass --rank 4.")
+    forbidden = {"lm_head", "embed_tokens"} & {module.rsplit(".", 1)[-1] for module in stack.target_modules}
     if forbidden:
         raise UnsupportedModelError(
-            f"adapters on {', '.join(sorted(forbidden))} cannot be exported (the default model ties them and "
+            f"{label}: adapters on {', '.join(sorted(forbidden))} cannot be exported (the default model ties them and "
             "llama.cpp adapters cover block projections only); target the q/k/v/o/gate/up/down projections."
         )
+    variants = [name for name, used in (("rsLoRA", stack.use_rslora), ("DoRA", stack.use_dora)) if used]
+    if variants:
+        raise UnsupportedModelError(
+            f"{label}: {' and '.join(variants)} cannot be exported (llama.cpp scales every GGUF LoRA by alpha / r and "
+            "has no DoRA magnitude vector); train a plain LoRA (use_rslora=False, use_dora=False)."
+        )
+
+
+def check_bank_exportable(the_bank) -> None:
+    """Reject a bank whose anchors the exporters cannot reproduce (same rules as the stacked adapter)."""
+    lora = the_bank.manifest.get("lora", {})
+    known = {key: lora[key] for key in ("rank", "target_modules", "use_rslora", "use_dora") if key in lora}
+    check_stack_config(LoraConfig(**known), label=f"bank {the_bank.bank_id}")
 
 
 def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None = None, *, task: str | None = None,
@@ -88,6 +101,7 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
                             f"{history.task.name!r}; pass --bank with a {history.task.name} bank or --task {the_bank.task}.")
         embedder_name, embedder_model = load_embedder(embedder or the_bank.manifest["embedder"]["name"])
         the_bank.check_compatible(base, embedder_name)
+        check_bank_exportable(the_bank)
         training_model, tokenizer = load_training_model(base)
 
     with stage("embed"):

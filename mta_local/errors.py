@@ -27,3 +27,7 @@ class ProfileError(MtaError):
 
 class AdapterNotAppliedError(MtaError):
     """llama.cpp rejected the adapter or its output shows the adapter had no effect."""
+
+
+class VerificationError(MtaError):
+    """An exported adapter failed a fidelity check of ``mta-local verify``."""

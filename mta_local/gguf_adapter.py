@@ -172,4 +172,6 @@ def check_adapter_file(path: str | Path, base: BaseModel) -> dict:
             if partner is None or shape[1] != in_features or partner != (out_features, shape[0]):
                 fail(f"{base_name}: lora_a {shape} and lora_b {partner} do not fit the base shape {(out_features, in_features)}")
             ranks.add(shape[0])
+        elif base_name + SUFFIX_A not in shapes:
+            fail(f"{base_name}: lora_b {shape} has no lora_a")
     return {"tensors": len(shapes), "ranks": sorted(ranks), "alpha": float(alpha.contents())}

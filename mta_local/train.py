@@ -113,7 +113,8 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     peft_config = PeftLoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                                 lora_dropout=0.0, bias="none", use_rslora=False, use_dora=False)
+                                 lora_dropout=0.0, bias="none", use_rslora=config.use_rslora,
+                                 use_dora=config.use_dora)
     with warnings.catch_warnings():
         # transformers 5 deprecates an attribute that peft still reads; harmless
         warnings.simplefilter("ignore", FutureWarning)

@@ -5,8 +5,8 @@ from click.testing import CliRunner
 
 from mta_local.cli import cli
 
-COMMANDS = [["enroll"], ["chat"], ["bank", "build"], ["bank", "list"], ["bank", "info"], ["bank", "pull"],
-            ["bank", "remove"], ["bank", "assemble"], ["profiles"], ["paths"]]
+COMMANDS = [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["bank", "build"], ["bank", "list"],
+            ["bank", "info"], ["bank", "pull"], ["bank", "remove"], ["bank", "assemble"], ["profiles"], ["paths"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -17,8 +17,11 @@ def test_help_available(command):
     assert "Usage: " in result.output
 
 
-@pytest.mark.parametrize("command", [["enroll"], ["chat"], ["bank", "build"], ["bank", "pull"], ["bank", "assemble"]],
-                         ids=lambda c: " ".join(c))
+@pytest.mark.parametrize(
+    "command",
+    [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["bank", "build"], ["bank", "pull"], ["bank", "assemble"]],
+    ids=lambda c: " ".join(c),
+)
 def test_help_shows_examples(command):
     result = CliRunner().invoke(cli, command + ["--help"], catch_exceptions=False)
 

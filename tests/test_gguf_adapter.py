@@ -77,19 +77,42 @@ def test_written_adapter_reads_back(tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
-def test_adapter_check_rejects_unknown_tensor(tmp_path):
-    base = resolve_base_model()
-    path = tmp_path / "bad.gguf"
+def write_raw_adapter(path, tensors: dict, alpha_type: str = "f32", adapter_type: str = "adapter"):
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_string("general.type", "adapter")
+    writer.add_string("general.type", adapter_type)
     writer.add_string("adapter.type", "lora")
-    writer.add_float32(KEY_ALPHA, 4.0)
-    writer.add_tensor("blk.99.attn_q.weight.lora_a", np.zeros((4, 576), np.float32))
-    writer.add_tensor("blk.99.attn_q.weight.lora_b", np.zeros((576, 4), np.float32))
+    if alpha_type == "f32":
+        writer.add_float32(KEY_ALPHA, 4.0)
+    else:
+        writer.add_uint32(KEY_ALPHA, 4)
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
 
-    with pytest.raises(UnsupportedModelError, match="base model does not have"):
-        check_adapter_file(path, base)
+
+Q_A, Q_B = "blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b"
+GOOD = {Q_A: np.zeros((4, 576), np.float32), Q_B: np.zeros((576, 4), np.float32)}
+
+
+@pytest.mark.parametrize(
+    "tensors, options, message",
+    [
+        ({"blk.99.attn_q.weight.lora_a": GOOD[Q_A], "blk.99.attn_q.weight.lora_b": GOOD[Q_B]}, {}, "base model does not have"),
+        ({Q_B: GOOD[Q_B]}, {}, "has no lora_a"),
+        ({Q_A: GOOD[Q_A], Q_B: np.zeros((576, 3), np.float32)}, {}, "do not fit the base shape"),
+        ({Q_A: np.zeros((4, 100), np.float32), Q_B: GOOD[Q_B]}, {}, "do not fit the base shape"),
+        ({**GOOD, "blk.0.attn_q.weight": np.zeros((4, 4), np.float32)}, {}, "neither .lora_a nor .lora_b"),
+        (GOOD, {"alpha_type": "u32"}, "must be FLOAT32"),
+        (GOOD, {"adapter_type": "model"}, "general.type is 'model'"),
+    ],
+    ids=["unknown-base-tensor", "lone-lora-b", "rank-mismatch", "wrong-in-features", "base-tensor", "alpha-u32", "not-adapter"],
+)
+def test_adapter_check_rejects(tmp_path, tensors, options, message):
+    path = write_raw_adapter(tmp_path / "bad.gguf", tensors, **options)
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        check_adapter_file(path, resolve_base_model())
