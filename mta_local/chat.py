@@ -179,10 +179,16 @@ class ChatSession:
     """A loaded profile: base GGUF + the profile's adapter, ready for chat completions."""
 
     def __init__(self, profile: Profile, history_in_prompt: int | None = None, n_ctx: int = 2048,
-                 threads: int | None = None, seed: int = 0):
+                 threads: int | None = None, seed: int = 0, folded: bool = False):
         self.profile = profile
         self.base = resolve_base_model(profile.recipe["base_model"]["path"])
-        self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
+        if folded:
+            # a per-user copy of the base with the adapters folded in decodes at the base model's speed
+            from .folded import folded_base
+
+            self.llm = load_llama(folded_base(profile, self.base), n_ctx=n_ctx, threads=threads, seed=seed)
+        else:
+            self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
         verify_applied(self.llm, profile, self.base)
         self.turns = HistoryTurns(profile, history_in_prompt)
         self.messages: list[dict] = []

@@ -170,7 +170,10 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, 5.0), help="Sampling temperature (0: greedy).")
 @click.option("--history-items", type=click.IntRange(0, 20), help="History items retrieved into each turn (default: as in training).")
 @click.option("--threads", type=click.IntRange(1, 512), help="llama.cpp threads (default: llama.cpp's choice).")
-def chat(profile, prompt, max_tokens, temperature, history_items, threads):
+@click.option("--folded", is_flag=True,
+              help="Serve a per-user Q8_0 copy of the base with the adapters folded in (written once, about 145 MB, "
+                   "in the data dir) instead of the runtime adapter: faster decoding, same adapter check.")
+def chat(profile, prompt, max_tokens, temperature, history_items, threads, folded):
     """Chat with your personalized model through llama.cpp.
 
     The base GGUF is loaded with the profile's adapter, and the adapter is checked
@@ -184,7 +187,7 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads):
     from .chat import ChatSession
     from .profile import load_profile
 
-    session = ChatSession(load_profile(profile), history_in_prompt=history_items, threads=threads)
+    session = ChatSession(load_profile(profile), history_in_prompt=history_items, threads=threads, folded=folded)
     if prompt is not None:
         for piece in session.send(prompt, max_tokens=max_tokens, temperature=temperature, keep=False):
             click.echo(piece, nl=False)

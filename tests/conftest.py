@@ -21,6 +21,24 @@ def shared_cache(tmp_path_factory):
         os.environ["MTA_LOCAL_CACHE"] = previous
 
 
+@pytest.fixture(scope="session")
+def enrolled_home(tmp_path_factory):
+    """Enroll the LaMP-2 example user once per test session through the CLI; return (home, CLI result).
+
+    Enroll takes one to two minutes on 2 CPU cores, so the end-to-end, export and serve tests share
+    this profile ("default") and add their own profiles under other names.
+    """
+    from click.testing import CliRunner
+
+    from mta_local.cli import cli
+
+    home = tmp_path_factory.mktemp("enrolled-home")
+    runner = CliRunner(env={"MTA_LOCAL_HOME": str(home)})
+    result = runner.invoke(cli, ["enroll", str(EXAMPLES / "lamp2-user-8000029.json"), "--silent"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return home, result
+
+
 @pytest.fixture(autouse=True)
 def user_home(tmp_path, monkeypatch):
     """Point every mta-local path at a fresh folder so tests never touch the real user dir."""

@@ -19,17 +19,14 @@ QUERIES = json.loads((EXAMPLES / "queries.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("e2e-home")
+def home(enrolled_home):
+    return enrolled_home[0]
 
 
 @pytest.fixture(scope="module")
-def enrolled(home):
-    """Enroll the movie-tagging example once through the CLI; return the CLI result."""
-    runner = CliRunner(env={"MTA_LOCAL_HOME": str(home)})
-    result = runner.invoke(cli, ["enroll", str(EXAMPLES / MOVIE_USER), "--silent"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
+def enrolled(enrolled_home):
+    """The CLI result of enrolling the movie-tagging example (shared by the session)."""
+    return enrolled_home[1]
 
 
 @pytest.fixture
@@ -192,3 +189,13 @@ def test_interrupted_enroll_keeps_previous_profile(enrolled, in_home, home, monk
     assert result.exit_code == 130
     assert (profile_dir(home) / "adapter.gguf").read_bytes() == before
     assert not list(profile_dir(home).parent.glob(".*"))
+
+
+def test_chat_folded_copy_answers(enrolled, in_home, home):
+    prompt = QUERIES[MOVIE_USER]["prompt"]
+
+    result = CliRunner().invoke(cli, ["chat", "--folded", "--prompt", prompt, "--max-tokens", "16"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip()
+    assert (home / "data" / "folded" / "default" / "base-folded.Q8_0.gguf").is_file()

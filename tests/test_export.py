@@ -23,23 +23,20 @@ QUERY = json.loads((EXAMPLES / "queries.json").read_text())[MOVIE_USER]["prompt"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("export-home")
+def home(enrolled_home):
+    return enrolled_home[0]
 
 
 @pytest.fixture(scope="module")
-def enrolled(home):
-    """Enroll the movie-tagging example once, and add a second profile "other" with a different adapter.
+def enrolled(enrolled_home, home):
+    """The session's enrolled example ("default"), plus a second profile "other" with a different adapter.
 
     "other" copies the first profile and replaces its GGUF with the negated combined adapter (and a
     probe recorded for it). Serving isolation concerns adapter and cache state inside llama.cpp, not
     how an adapter was trained, so two distinct adapters on the same base test it fully, without a
     second training run.
     """
-    runner = CliRunner(env={"MTA_LOCAL_HOME": str(home)})
-    result = runner.invoke(cli, ["enroll", str(EXAMPLES / MOVIE_USER), "--silent"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-
+    result = enrolled_home[1]
     previous = os.environ.get("MTA_LOCAL_HOME")
     os.environ["MTA_LOCAL_HOME"] = str(home)
     try:
