@@ -27,3 +27,11 @@ class ProfileError(MtaError):
 
 class AdapterNotAppliedError(MtaError):
     """llama.cpp rejected the adapter or its output shows the adapter had no effect."""
+
+
+class LeakageError(MtaError):
+    """Evaluation users or query texts overlap the bank's users or training data."""
+
+
+class EvalError(MtaError):
+    """An evaluation run's options or its output folder are inconsistent."""
