@@ -291,9 +291,10 @@ def _parse_weights(ctx, param, value):
 @click.option("--resamples", default=1000, show_default=True, type=click.IntRange(10), help="Bootstrap resamples.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for predictions.jsonl and results (default: out/eval-TASK-seedS); rerun to resume.")
+@click.option("--report-only", is_flag=True, help="Run nothing: summarize the answers already in --out (users missing a method are left out).")
 @click.option("--silent", is_flag=True, help="No progress bar.")
 def eval_command(data, outputs, task, methods, users, seed, bank, bank_users, exclude_overlap, top_k, merge,
-                 merge_weights, max_new_tokens, model, resamples, out, silent):
+                 merge_weights, max_new_tokens, model, resamples, out, report_only, silent):
     """Compare personalization methods on LaMP-format users (accuracy/F1, MAE/RMSE or ROUGE).
 
     Each user's answers are appended to OUT/predictions.jsonl, so an interrupted run
@@ -324,7 +325,7 @@ def eval_command(data, outputs, task, methods, users, seed, bank, bank_users, ex
             bar.length = total
             bar.update(done - bar.pos)
     results = evaluate_and_report(data, config, out, task=task, outputs=outputs, bank=bank, bank_users=bank_users,
-                                  model=model, progress=progress)
+                                  model=model, progress=progress, report_only=report_only)
     if progress is not None:
         bar.render_finish()
     click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)

@@ -39,7 +39,7 @@ class Query:
 
     query_id: str
     input: str  # raw input text (review, description, article, abstract); the full prompt for citation
-    instruction: str  # the task instruction every method asks
+    instruction: str  # the task instruction every method answers
     gold: str
 
 

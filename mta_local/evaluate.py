@@ -94,7 +94,7 @@ def prior_answer(task: Task, user: EvalUser, query: Query) -> str:
     targets = [task.target(item) for item in user.history.items]
     if task.name == "product_rating":
         mean = sum(float(t) for t in targets) / len(targets)
-        return str(int(mean + 0.5))  # round half up, as a rating of 3.5 is closer to neither
+        return str(int(mean + 0.5))  # half up: round() would send a mean of 4.5 to 4 (half to even)
     if task.labels:
         return Counter(targets).most_common(1)[0][0]  # ties: the label seen first in the history
     best = Retriever(user.history).best_index(query.input)
@@ -190,17 +190,20 @@ class ModelRunner:
         fold_into(self.model, result.adapter)
         return {"final_loss": round(result.losses[-1], 4)}
 
-    def run_user(self, user: EvalUser, methods: list[str]) -> dict[str, MethodResult]:
-        """Run the requested model methods for one user; the model is restored afterwards."""
-        results: dict[str, MethodResult] = {}
+    def run_user(self, user: EvalUser, methods: list[str], on_result) -> None:
+        """Run the requested model methods for one user, calling on_result(method, MethodResult) after each.
+
+        The model is restored to the plain base afterwards.
+        """
         k = self.config.history_in_prompt
 
-        def timed(name, steps):
+        def timed(name, steps, extra_seconds=0.0):
             started = time.perf_counter()
             extra = {}
             for step in steps:
                 extra.update(step() or {})
-            results[name] = MethodResult(self.answer(user, extra.pop("_k", k)), time.perf_counter() - started, extra)
+            answers = self.answer(user, extra.pop("_k", k))
+            on_result(name, MethodResult(answers, time.perf_counter() - started + extra_seconds, extra))
 
         try:
             for name in methods:
@@ -217,14 +220,11 @@ class ModelRunner:
                 merge_info = self.merge_for(user)
                 merge_seconds = time.perf_counter() - started
                 if "merged-only" in methods:
-                    timed("merged-only", [lambda: merge_info])
-                    results["merged-only"].seconds += merge_seconds
+                    timed("merged-only", [lambda: merge_info], merge_seconds)
                 if "mta" in methods:
-                    timed("mta", [lambda: merge_info, lambda: self.train_stacked(user)])
-                    results["mta"].seconds += merge_seconds
+                    timed("mta", [lambda: merge_info, lambda: self.train_stacked(user)], merge_seconds)
         finally:
             self.restore()
-        return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,24 +276,25 @@ def run_eval(users: list[EvalUser], task: Task, config: EvalConfig, out_dir: Pat
     with open(out_dir / PREDICTIONS, "a", encoding="utf-8") as sink:
         for number, user in enumerate(users, start=1):
             missing = [m for m in config.methods if (user.user_id, m) not in done]
-            results: dict[str, MethodResult] = {}
+
+            def write(method: str, result: MethodResult) -> None:
+                record = {"user_id": user.user_id, "method": method, "seconds": round(result.seconds, 3),
+                          "queries": [{"id": q.query_id, "prediction": p, "gold": q.gold}
+                                      for q, p in zip(user.queries, result.predictions)],
+                          **result.extra}
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                done[(user.user_id, method)] = record
+
             if "prior" in missing:
                 started = time.perf_counter()
-                results["prior"] = MethodResult([prior_answer(task, user, q) for q in user.queries],
-                                                time.perf_counter() - started)
+                write("prior", MethodResult([prior_answer(task, user, q) for q in user.queries],
+                                            time.perf_counter() - started))
             model_methods = [m for m in missing if m != "prior"]
             if model_methods:
                 if runner is None:
                     runner = ModelRunner(task, config, bank if set(config.methods) & set(BANK_METHODS) else None, model)
-                results.update(runner.run_user(user, model_methods))
-            for method in missing:
-                record = {"user_id": user.user_id, "method": method, "seconds": round(results[method].seconds, 3),
-                          "queries": [{"id": q.query_id, "prediction": p, "gold": q.gold}
-                                      for q, p in zip(user.queries, results[method].predictions)],
-                          **results[method].extra}
-                sink.write(json.dumps(record) + "\n")
-                done[(user.user_id, method)] = record
-            sink.flush()
+                runner.run_user(user, model_methods, write)
             if progress is not None:
                 progress(number, len(users))
     return done

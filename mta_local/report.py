@@ -115,17 +115,18 @@ def write_chart(summary: dict, path: Path, title: str) -> bool:
 # the whole evaluation, as `mta-local eval` runs it
 
 def evaluate_and_report(data, config, out_dir: Path, task: str | None = None, outputs=None, bank: str | None = None,
-                        bank_users=None, model: str | None = None, progress=None) -> dict:
+                        bank_users=None, model: str | None = None, progress=None, report_only: bool = False) -> dict:
     """Load users, check them against the bank, run the methods and write results.json/.md/.png.
 
-    Returns the results dict (also written to ``out_dir / "results.json"``).
+    With ``report_only`` nothing runs: the answers already in ``out_dir`` are summarized (users
+    missing a method are left out). Returns the results dict (also written to ``out_dir / "results.json"``).
     """
     import json
     import time
 
     from .bank import open_bank
     from .data import check_disjoint, load_eval_users
-    from .evaluate import BANK_METHODS, choose_users, run_eval
+    from .evaluate import BANK_METHODS, check_run_file, choose_users, read_done, run_eval
 
     started = time.perf_counter()
     users = load_eval_users(data, task, outputs)
@@ -147,7 +148,11 @@ def evaluate_and_report(data, config, out_dir: Path, task: str | None = None, ou
 
     run = {"task": the_task.name, "data": str(Path(data).resolve()), "bank": the_bank.bank_id if the_bank else None,
            "model": model, "config": config.to_dict()}
-    records = run_eval(chosen, the_task, config, Path(out_dir), run, the_bank, model, progress)
+    if report_only:
+        check_run_file(Path(out_dir), run)
+        records = read_done(Path(out_dir))
+    else:
+        records = run_eval(chosen, the_task, config, Path(out_dir), run, the_bank, model, progress)
     summary = summarize(records, the_task, config.methods, [u.user_id for u in chosen], config.resamples, config.seed)
     results = {**run, "users_available": len(users), "users_evaluated": [u.user_id for u in chosen],
                "wall_seconds": round(time.perf_counter() - started, 1), **summary}

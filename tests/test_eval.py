@@ -142,6 +142,11 @@ def test_eval_cli_end_to_end(tmp_path):
     assert again.exit_code == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
 
+    # --report-only summarizes the cached answers without running anything
+    report = CliRunner().invoke(cli, args + ["--report-only"], catch_exceptions=False)
+    assert report.exit_code == 0
+    assert report.stdout == result.stdout
+
     # other settings in the same folder are rejected
     changed = CliRunner().invoke(cli, args + ["--seed", "3"], catch_exceptions=False)
     assert changed.exit_code == 1
