@@ -187,6 +187,7 @@ class ModelRunner:
         examples = training_examples(user.history, k=self.config.history_in_prompt)
         encoded = encode_examples(self.tokenizer, self.render, examples, self.base.eos_token, self.stack.max_tokens)
         result = train_lora(self.model, encoded, self.stack, self.tokenizer.pad_token_id or 0)
+        self.model.eval()  # train_lora leaves the model in training mode
         fold_into(self.model, result.adapter)
         return {"final_loss": round(result.losses[-1], 4)}
 

@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from mta_local.cli import cli
 
-COMMANDS = [["enroll"], ["chat"], ["bank", "build"], ["bank", "list"], ["bank", "info"], ["profiles"], ["paths"]]
+COMMANDS = [["enroll"], ["chat"], ["eval"], ["bank", "build"], ["bank", "list"], ["bank", "info"], ["profiles"], ["paths"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c))
@@ -16,7 +16,7 @@ def test_help_available(command):
     assert "Usage: " in result.output
 
 
-@pytest.mark.parametrize("command", [["enroll"], ["chat"], ["bank", "build"]], ids=lambda c: " ".join(c))
+@pytest.mark.parametrize("command", [["enroll"], ["chat"], ["eval"], ["bank", "build"]], ids=lambda c: " ".join(c))
 def test_help_shows_examples(command):
     result = CliRunner().invoke(cli, command + ["--help"], catch_exceptions=False)
 
