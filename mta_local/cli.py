@@ -464,6 +464,83 @@ def bank_info(name):
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+
+def _parse_weights(ctx, param, value):
+    if not value:
+        return ()
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.5,0.5.") from None
+
+
+@cli.command("eval")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Evaluation users: a per-user JSON file {user_id, profile, query} or a LaMP *_questions.json.")
+@click.option("--outputs", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="LaMP *_outputs.json for a questions file (default: its sibling).")
+@click.option("--task", type=click.Choice(list(TASKS)), help="Task of the data (detected from the history fields if omitted).")
+@click.option("--methods", default="prior,base", show_default=True,
+              help="Comma-separated: base, prior, rag-1, rag-3, rag-5, adapt-only, merged-only, mta; or all.")
+@click.option("--users", default=0, show_default=True, type=click.IntRange(0), help="Evaluate this many users drawn with --seed (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the user draw, the stacked adapters and the bootstrap.")
+@click.option("--bank", help="Bank name or folder for merged-only and mta (default: the built-in bank for the task).")
+@click.option("--bank-users", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The bank's users file: query texts found in its anchors' training items are rejected.")
+@click.option("--exclude-overlap", is_flag=True, help="Leave out queries whose text is in the bank's training data instead of stopping.")
+@click.option("--top-k", default=2, show_default=True, type=click.IntRange(1, 64), help="Anchors merged per user.")
+@click.option("--merge", type=click.Choice(["exact", "averaged"]), default="exact", show_default=True,
+              help="exact: sum of weighted dW; averaged: lora_A/lora_B averaged separately (ablation).")
+@click.option("--merge-weights", callback=_parse_weights, help="Fixed anchor weights, e.g. 0.5,0.5 (default: similarity weights).")
+@click.option("--max-new-tokens", default=0, show_default=True, type=click.IntRange(0, 512),
+              help="Tokens generated per answer (0: 8 for labels, 4 for ratings, 32 for text).")
+@click.option("--model", help="Base model GGUF (default: packaged SmolLM2-135M-Instruct Q4_1).")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(10), help="Bootstrap resamples.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for predictions.jsonl and results (default: out/eval-TASK-seedS); rerun to resume.")
+@click.option("--report-only", is_flag=True, help="Run nothing: summarize the answers already in --out (users missing a method are left out).")
+@click.option("--silent", is_flag=True, help="No progress bar.")
+def eval_command(data, outputs, task, methods, users, seed, bank, bank_users, exclude_overlap, top_k, merge,
+                 merge_weights, max_new_tokens, model, resamples, out, report_only, silent):
+    """Compare personalization methods on LaMP-format users (accuracy/F1, MAE/RMSE or ROUGE).
+
+    Each user's answers are appended to OUT/predictions.jsonl, so an interrupted run
+    resumes where it stopped. Writes OUT/results.json, OUT/results.md (Table-1 layout)
+    and OUT/results.png.
+
+    \b
+    mta-local eval --data data/lamp2/eval_users.json --methods all --users 12 --bank-users data/lamp2/bank_users.json --exclude-overlap
+    mta-local eval --data data/amazon-rating/eval_users.json --methods prior,base,rag-1,mta --users 20 --seed 1
+    mta-local eval --data LaMP_4/dev_questions.json --methods base,prior,rag-1
+    """
+    from .evaluate import EvalConfig, parse_methods
+    from .report import evaluate_and_report
+
+    config = EvalConfig(methods=parse_methods(methods), users=users, seed=seed, top_k=top_k, merge=merge,
+                        merge_weights=merge_weights, max_new_tokens=max_new_tokens, exclude_overlap=exclude_overlap,
+                        resamples=resamples)
+    if merge_weights and len(merge_weights) != top_k:
+        raise click.BadParameter(f"{len(merge_weights)} weights for --top-k {top_k}; give one weight per anchor.",
+                                 param_hint="--merge-weights")
+    out = out or Path("out") / f"eval-{task or 'data'}-seed{seed}"
+    if silent or not sys.stderr.isatty():
+        progress = None
+    else:
+        bar = click.progressbar(length=1, label="evaluating users", file=sys.stderr, show_pos=True, show_eta=True)
+
+        def progress(done, total):
+            bar.length = total
+            bar.update(done - bar.pos)
+    results = evaluate_and_report(data, config, out, task=task, outputs=outputs, bank=bank, bank_users=bank_users,
+                                  model=model, progress=progress, report_only=report_only)
+    if progress is not None:
+        bar.render_finish()
+    click.echo((out / "results.md").read_text(encoding="utf-8"), nl=False)
+    click.echo(f"{results['users']} users in {results['wall_seconds']:.0f} s; results in {out}", err=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # profiles and paths
 
 @cli.command()

@@ -31,3 +31,11 @@ class AdapterNotAppliedError(MtaError):
 
 class VerificationError(MtaError):
     """An exported adapter failed a fidelity check of ``mta-local verify``."""
+
+
+class LeakageError(MtaError):
+    """Evaluation users or query texts overlap the bank's users or training data."""
+
+
+class EvalError(MtaError):
+    """An evaluation run's options or its output folder are inconsistent."""

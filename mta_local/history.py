@@ -117,6 +117,11 @@ class Retriever:
         self.history = history
         self._bm25 = BM25Okapi([_tokenize(text) for text in history.inputs()])
 
+    def best_index(self, query: str) -> int:
+        """Return the index of the best-matching history item (ties: the earlier item)."""
+        scores = self._bm25.get_scores(_tokenize(query))
+        return min(range(len(scores)), key=lambda i: (-scores[i], i))
+
     def lines(self, query: str, k: int, exclude: int | None = None) -> list[str]:
         """Return the k best-matching history lines, best first, leaving out item ``exclude``."""
         if k <= 0:

@@ -51,12 +51,17 @@ def encode_examples(tokenizer, render, examples: list[tuple[str, str]], eos_toke
     for prompt, target in examples:
         prompt_ids = tokenizer(render(prompt), add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(target + eos_token, add_special_tokens=False)["input_ids"]
-        budget = max_tokens - len(target_ids)
-        if len(prompt_ids) > budget:
-            head = min(48, budget // 4)
-            prompt_ids = prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head):]
+        prompt_ids = cut_middle(prompt_ids, max_tokens - len(target_ids))
         encoded.append(Encoded(prompt_ids + target_ids, len(prompt_ids)))
     return encoded
+
+
+def cut_middle(prompt_ids: list[int], budget: int) -> list[int]:
+    """Return the prompt within ``budget`` tokens: its first tokens (up to 48) and its end, middle removed."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    head = min(48, budget // 4)
+    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (budget - head):]
 
 
 def collate(batch: list[Encoded], pad_id: int, device) -> dict[str, torch.Tensor]:

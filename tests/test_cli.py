@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from mta_local.cli import cli
 
-COMMANDS = [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["bank", "build"], ["bank", "list"],
+COMMANDS = [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["eval"], ["bank", "build"], ["bank", "list"],
             ["bank", "info"], ["bank", "pull"], ["bank", "remove"], ["bank", "assemble"], ["profiles"], ["paths"]]
 
 
@@ -19,7 +19,8 @@ def test_help_available(command):
 
 @pytest.mark.parametrize(
     "command",
-    [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["bank", "build"], ["bank", "pull"], ["bank", "assemble"]],
+    [["enroll"], ["chat"], ["export"], ["verify"], ["serve"], ["eval"], ["bank", "build"], ["bank", "pull"],
+     ["bank", "assemble"]],
     ids=lambda c: " ".join(c),
 )
 def test_help_shows_examples(command):
