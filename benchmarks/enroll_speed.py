@@ -52,6 +52,11 @@ def matmul_gflops(threads: int, size=(2048, 576, 1536), repeats: int = 20) -> fl
     return 2 * n * k * m * repeats / (time.perf_counter() - started) / 1e9
 
 
+def is_block_projection(tensor) -> bool:
+    projections = ("attn_q.", "attn_k.", "attn_v.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
+    return tensor.name.startswith("blk.") and any(part in tensor.name for part in projections) and len(tensor.shape) == 2
+
+
 def matmul_parameters() -> int:
     """Parameters of the block projections plus lm_head of the default model (read from the GGUF)."""
     import gguf
@@ -61,7 +66,7 @@ def matmul_parameters() -> int:
     reader = gguf.GGUFReader(str(resolve_base_model().path))
     total = 0
     for tensor in reader.tensors:
-        if tensor.name.startswith("blk.") and any(part in tensor.name for part in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_")):
+        if is_block_projection(tensor):
             total += int(np.prod(tensor.shape))
         elif tensor.name == "token_embd.weight":  # tied with lm_head in SmolLM2
             total += int(np.prod(tensor.shape))
@@ -87,7 +92,10 @@ print(json.dumps({"results": results, "total": time.perf_counter() - started,
 
 
 def run_enrolls(histories: list[Path], home: Path) -> dict:
-    env = dict(os.environ, MTA_LOCAL_HOME=str(home))
+    from mta_local.config import cache_dir
+
+    # the child shares the parent's cache, where the converted base model already is
+    env = dict(os.environ, MTA_LOCAL_HOME=str(home), MTA_LOCAL_CACHE=str(cache_dir()))
     output = subprocess.run([sys.executable, "-c", CHILD, json.dumps([str(h) for h in histories])],
                             env=env, cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(output.stdout.strip().splitlines()[-1])
@@ -236,7 +244,7 @@ def full_lora_bytes() -> int:
     reader = gguf.GGUFReader(str(resolve_base_model().path))
     total = 0
     for tensor in reader.tensors:
-        if tensor.name.startswith("blk.") and any(p in tensor.name for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_")):
+        if is_block_projection(tensor):
             fan_in, fan_out = (int(x) for x in tensor.shape)
             total += 8 * (fan_in + fan_out) * 2
     return total

@@ -171,7 +171,7 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
 @click.option("--history-items", type=click.IntRange(0, 20), help="History items retrieved into each turn (default: as in training).")
 @click.option("--threads", type=click.IntRange(1, 512), help="llama.cpp threads (default: llama.cpp's choice).")
 @click.option("--folded", is_flag=True,
-              help="Serve a per-user Q8_0 copy of the base with the adapters folded in (written once, about 145 MB, "
+              help="Serve a per-user Q8_0 copy of the base with the adapters folded in (written once, 145 MB for the default model, "
                    "in the data dir) instead of the runtime adapter: faster decoding, same adapter check.")
 def chat(profile, prompt, max_tokens, temperature, history_items, threads, folded):
     """Chat with your personalized model through llama.cpp.
