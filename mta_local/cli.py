@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import EnrollConfig, LoraConfig, cache_dir, profiles_dir, stack_config, user_dir
+from .config import config_file, load_cli_defaults, EnrollConfig, LoraConfig, cache_dir, profiles_dir, stack_config, user_dir
 from .errors import MtaError
 from .tasks import TASKS
 
@@ -46,7 +46,14 @@ def cli(verbose):
     mta-local enroll docs/examples/lamp2-user-8000029.json
     mta-local chat --prompt "Which tag does this movie relate to ..."
     mta-local chat
+
+    Defaults for any option can be set in config.json (see `mta-local paths`), keyed by
+    command, e.g. {"enroll": {"model": "/models/x.gguf"}, "chat": {"folded": true}}.
     """
+    try:
+        click.get_current_context().default_map = load_cli_defaults()
+    except MtaError as exc:
+        raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         for name in ("mta_local",):
@@ -560,3 +567,4 @@ def paths():
     click.echo(f"data (profiles, private): {user_dir()}")
     click.echo(f"profiles:                 {profiles_dir()}")
     click.echo(f"cache (banks, F32 copies): {cache_dir()}")
+    click.echo(f"config (option defaults): {config_file()}")

@@ -7,6 +7,7 @@ alone.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,31 @@ def cache_dir() -> Path:
         path = Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def config_file() -> Path:
+    """Return the path of the optional defaults file (``config.json`` next to the data dir's contents)."""
+    home = os.environ.get(HOME_ENV)
+    return (Path(home) if home else Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))) / "config.json"
+
+
+def load_cli_defaults() -> dict:
+    """Read command defaults from the config file, keyed like the CLI: {"enroll": {"model": ...}}.
+
+    A missing file means no defaults. Raises MtaError for a file that is not a JSON object.
+    """
+    from .errors import MtaError
+
+    path = config_file()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MtaError(f"{path}: invalid JSON ({exc}). Fix or delete the config file.") from None
+    if not isinstance(data, dict) or not all(isinstance(value, dict) for value in data.values()):
+        raise MtaError(f'{path}: expected an object of command names to option defaults, e.g. {{"enroll": {{"model": "PATH"}}}}.')
+    return data
 
 
 def profiles_dir() -> Path:

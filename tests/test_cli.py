@@ -92,3 +92,25 @@ def test_builtin_banks_listed():
 
     assert "lamp2-movies\tbuilt-in\tmovie_tagging" in result.output
     assert "amazon-rating\tbuilt-in\tproduct_rating" in result.output
+
+
+def test_config_file_sets_option_defaults(user_home, tmp_path):
+    user_home.mkdir(parents=True, exist_ok=True)
+    (user_home / "config.json").write_text(json.dumps({"enroll": {"bank": "bank-from-config"}}))
+    path = tmp_path / "h.json"
+    path.write_text(json.dumps([{"description": "x", "tag": "comedy"}]))
+
+    result = CliRunner().invoke(cli, ["enroll", str(path)], catch_exceptions=False)
+
+    assert result.exit_code == 1
+    assert "bank 'bank-from-config' not found" in result.output
+
+
+def test_invalid_config_file_named(user_home):
+    user_home.mkdir(parents=True, exist_ok=True)
+    (user_home / "config.json").write_text("{broken")
+
+    result = CliRunner().invoke(cli, ["paths"], catch_exceptions=False)
+
+    assert result.exit_code == 1
+    assert "config.json: invalid JSON" in result.output
