@@ -364,7 +364,7 @@ def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs
     click.echo(f"{part}bank {manifest['bank_id']} ({manifest['task']}): {len(manifest['anchors'])} anchors from "
                f"{manifest['clustering']['users']} users in {manifest['build_seconds']:.0f} s -> {out}")
     if shard:
-        click.echo(f"next: build the other shards, then mta-local bank assemble SHARD_DIR... --out DIR", err=True)
+        click.echo("next: build the other shards, then mta-local bank assemble SHARD_DIR... --out DIR", err=True)
 
 
 @bank.command("assemble")

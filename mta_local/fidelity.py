@@ -9,14 +9,13 @@ copy contains the same dequantized weights that transformers trains on.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .config import cache_dir
-from .gguf_adapter import copy_gguf_metadata
+from .gguf_adapter import rewrite_base_gguf
 from .merge import LoraWeights, fold_into
 from .models import BaseModel, resolve_base_model
 
@@ -30,21 +29,11 @@ def f32_base_copy(base: BaseModel) -> BaseModel:
     target = cache_dir() / "f32" / f"{base.path.stem}-{base.sha256[:12]}.F32.gguf"
     if target.is_file():
         return resolve_base_model(str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    reader = gguf.GGUFReader(str(base.path))
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(partial), base.architecture)
-    try:
-        copy_gguf_metadata(reader, writer, int(gguf.LlamaFileType.ALL_F32))
-        for tensor in reader.tensors:
-            array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-            writer.add_tensor(tensor.name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(partial, target)
+
+    def dequantized(tensor):
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32), None
+
+    rewrite_base_gguf(base, target, int(gguf.LlamaFileType.ALL_F32), dequantized)
     logger.info("wrote F32 copy of %s to %s", base.path.name, target)
     return resolve_base_model(str(target))
 

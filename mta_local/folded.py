@@ -13,11 +13,10 @@ much of the personalization away. Untouched tensors are copied as they are.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .config import user_dir
-from .gguf_adapter import copy_gguf_metadata, gguf_deltas
+from .gguf_adapter import gguf_deltas, rewrite_base_gguf
 from .models import BaseModel, resolve_base_model
 from .profile import Profile
 
@@ -43,24 +42,13 @@ def folded_base(profile: Profile, base: BaseModel, quant: str = "Q8_0") -> BaseM
 
     qtype = gguf.GGMLQuantizationType[quant]
     deltas = {name: delta.numpy() for name, delta in gguf_deltas(combined_adapter(profile), base).items()}
-    reader = gguf.GGUFReader(str(base.path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(partial), base.architecture)
-    try:
-        copy_gguf_metadata(reader, writer, int(gguf.LlamaFileType[FILE_TYPES[quant]]))
-        for tensor in reader.tensors:
-            if tensor.name in deltas:
-                weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type) + deltas[tensor.name]
-                data = gguf.quants.quantize(weight.astype(np.float32), qtype)
-                writer.add_tensor(tensor.name, data, raw_dtype=qtype)
-            else:
-                writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    os.replace(partial, target)
+
+    def folded(tensor):
+        if tensor.name not in deltas:
+            return tensor.data, tensor.tensor_type
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type) + deltas[tensor.name]
+        return gguf.quants.quantize(weight.astype(np.float32), qtype), qtype
+
+    rewrite_base_gguf(base, target, int(gguf.LlamaFileType[FILE_TYPES[quant]]), folded)
     logger.info("wrote folded base for profile %s to %s", profile.name, target)
     return resolve_base_model(str(target))

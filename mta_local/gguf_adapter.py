@@ -125,6 +125,31 @@ def copy_gguf_metadata(reader, writer, file_type: int) -> None:
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
 
 
+def rewrite_base_gguf(base: BaseModel, target: Path, file_type: int, convert_tensor) -> None:
+    """Write a copy of the base GGUF to ``target`` with each tensor passed through ``convert_tensor``.
+
+    ``convert_tensor(tensor)`` returns (array, raw_dtype); raw_dtype None means a float array.
+    The copy is written next to ``target`` and renamed into place when complete.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(str(base.path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(str(partial), base.architecture)
+    try:
+        copy_gguf_metadata(reader, writer, file_type)
+        for tensor in reader.tensors:
+            array, raw_dtype = convert_tensor(tensor)
+            writer.add_tensor(tensor.name, array, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    os.replace(partial, target)
+
+
 def gguf_deltas(adapter: LoraWeights, base: BaseModel) -> dict[str, torch.Tensor]:
     """Return dW per GGUF tensor name, with llama.cpp's Q/K row order."""
     deltas = {}

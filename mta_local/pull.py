@@ -15,7 +15,6 @@ url is absolute or relative to the index.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import logging

@@ -8,7 +8,6 @@ import urllib.error
 import urllib.request
 
 import gguf
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

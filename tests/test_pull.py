@@ -12,7 +12,7 @@ import zipfile
 import pytest
 from click.testing import CliRunner
 
-from mta_local.bank import Bank, builtin_banks, installed_banks_dir, open_bank
+from mta_local.bank import Bank, builtin_banks, open_bank
 from mta_local.cli import cli
 from mta_local.errors import BankError
 from mta_local.models import resolve_base_model

@@ -10,7 +10,6 @@ from mta_local.bank import Bank, builtin_banks
 from mta_local.cli import cli
 from mta_local.errors import BankError
 from mta_local.models import resolve_base_model
-from mta_local.shards import assemble_shards
 
 from .conftest import EXAMPLES
 
