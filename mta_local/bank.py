@@ -304,7 +304,7 @@ class Bank:
             for key, shape in shapes.items():
                 expected = _expected_lora_shape(key, base_shapes, rank)
                 if expected is None:
-                    raise BankError(f"{self.label}: {anchor['file']} holds tensor {key!r}, which is not a lora_A/lora_B "
+                    raise BankError(f"{self.label}: {anchor['file']} contains tensor {key!r}, which is not a lora_A/lora_B "
                                     f"of a {base.path.name} linear layer; use a bank built for this base model.")
                 if shape != expected:
                     raise BankError(f"{self.label}: {anchor['file']} tensor {key} has shape {list(shape)} but "
@@ -398,7 +398,7 @@ def open_bank(name_or_path: str | None, task: str) -> Bank:
 
 
 def installed_banks_dir() -> Path:
-    """Return the folder that holds pulled banks, one subfolder per bank name."""
+    """Return the folder that contains pulled banks, one subfolder per bank name."""
     return cache_dir() / "banks"
 
 

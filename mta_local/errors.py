@@ -6,7 +6,7 @@ class MtaError(Exception):
 
 
 class HistoryError(MtaError):
-    """A history file is missing, unreadable or holds an invalid history item."""
+    """A history file is missing, unreadable or contains an invalid history item."""
 
 
 class ModelNotFoundError(MtaError):

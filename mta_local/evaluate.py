@@ -257,7 +257,7 @@ def check_run_file(out_dir: Path, run: dict) -> None:
         changed += [f"config.{k}" for k in new_config if k not in ("methods", "users", "resamples")
                     and old_config.get(k) != new_config[k]]
         if changed:
-            raise EvalError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+            raise EvalError(f"{out_dir} contains a run with other settings ({', '.join(changed)}); "
                             "pass another --out or delete that folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run, indent=1) + "\n", encoding="utf-8")

@@ -263,7 +263,7 @@ def _extract(archive: Path, target: Path) -> None:
         for member in handle.getmembers():
             _check_member(archive, member.name)
             if not (member.isfile() or member.isdir()):
-                raise BankError(f"{archive}: archive member {member.name!r} is a link or special file; a bank holds "
+                raise BankError(f"{archive}: archive member {member.name!r} is a link or special file; a bank contains "
                                 "regular files only. Get an archive without links.")
         handle.extractall(target, filter="data")
 
