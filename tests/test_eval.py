@@ -150,7 +150,7 @@ def test_eval_cli_end_to_end(tmp_path):
     # other settings in the same folder are rejected
     changed = CliRunner().invoke(cli, args + ["--seed", "3"], catch_exceptions=False)
     assert changed.exit_code == 1
-    assert "holds a run with other settings (config.seed)" in changed.output
+    assert "contains a run with other settings (config.seed)" in changed.output
 
 
 def test_eval_cli_lamp4_questions(tmp_path):
