@@ -270,6 +270,7 @@ def verify(profile, prompts):
     from .profile import load_profile
     from .verify import VerifyConfig, raise_on_failure, verify_profile
 
+    click.echo("running the fidelity checks (a few minutes on 2 CPU cores)...", err=True)
     checks = verify_profile(load_profile(profile), VerifyConfig(prompts=prompts))
     for check in checks:
         click.echo(f"{'ok' if check.passed else 'FAILED'}\t{check.name}: {check.summary}")

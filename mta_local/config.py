@@ -27,7 +27,8 @@ def user_dir() -> Path:
     """Return the folder for private data (profiles), creating it on demand."""
     home = os.environ.get(HOME_ENV)
     path = Path(home) / "data" if home else Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-    path.mkdir(parents=True, exist_ok=True)
+    # owner-only: the folder keeps each user's history, embedding and adapters
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
@@ -74,7 +75,7 @@ def load_cli_defaults() -> dict:
 
 def profiles_dir() -> Path:
     path = user_dir() / "profiles"
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
