@@ -1,7 +1,7 @@
 """Write the example history files under docs/examples from evaluation-side users.
 
 Each example is one real user's history (10 items) from the evaluation side of a split, so no
-built-in bank has seen it; queries.json holds each user's held-out query and gold answer.
+built-in bank has seen it; queries.json contains each user's held-out query and gold answer.
 
     python converters/examples.py --lamp2 data/lamp2/eval_users.json --amazon data/amazon-rating/eval_users.json
 """

@@ -56,8 +56,7 @@ def cli(verbose):
         raise click.ClickException(str(exc)) from None
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if verbose:
-        for name in ("mta_local",):
-            logging.getLogger(name).setLevel(logging.DEBUG)
+        logging.getLogger("mta_local").setLevel(logging.DEBUG)
     for noisy in ("urllib3", "filelock", "sentence_transformers", "httpx", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import platformdirs
@@ -134,4 +134,3 @@ class EnrollConfig:
     top_k: int = 2  # anchors merged per user
     history_in_prompt: int = 1  # BM25-retrieved other history items put in each training prompt
     profile: str = "default"  # profile name under the data dir
-    extra: dict = field(default_factory=dict)

@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 METHODS = ("base", "prior", "rag-1", "rag-3", "rag-5", "adapt-only", "merged-only", "mta")
 BASELINES = ("base", "prior", "rag-1", "rag-3", "rag-5")  # MTA is tested against the best of these
 BANK_METHODS = ("merged-only", "mta")
-TRAINED_METHODS = ("adapt-only", "mta")
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"
 

@@ -37,7 +37,7 @@ STACKED_GGUF = "stacked.gguf"
 
 @dataclass
 class ExportResult:
-    """What an export wrote."""
+    """Files written by one export."""
 
     kind: str  # gguf, ollama or peft
     folder: Path

@@ -99,7 +99,7 @@ def write_chart(summary: dict, path: Path, title: str) -> bool:
         values = [summary["methods"][m][metric] for m in methods]
         low = [v - summary["methods"][m]["ci"][metric][0] for v, m in zip(values, methods)]
         high = [summary["methods"][m]["ci"][metric][1] - v for v, m in zip(values, methods)]
-        colors = ["tab:red" if m == "mta" else "tab:gray" if m in BASELINES else "tab:blue" for m in methods]
+        colors = [_bar_color(m) for m in methods]
         axis.bar(range(len(methods)), values, yerr=[low, high], color=colors, capsize=3)
         axis.set_xticks(range(len(methods)), methods, rotation=40, ha="right")
         better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
@@ -111,8 +111,17 @@ def write_chart(summary: dict, path: Path, title: str) -> bool:
     return True
 
 
+def _bar_color(method: str) -> str:
+    if method == "mta":
+        return "tab:red"
+    if method in BASELINES:
+        return "tab:gray"
+    return "tab:blue"
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole evaluation, as `mta-local eval` runs it
+
 
 def evaluate_and_report(data, config, out_dir: Path, task: str | None = None, outputs=None, bank: str | None = None,
                         bank_users=None, model: str | None = None, progress=None, report_only: bool = False) -> dict:

@@ -1,8 +1,8 @@
 """The chat template shared by training and serving.
 
 Training renders each prompt with the same llama-cpp-python formatter that ``chat`` hands to
-llama.cpp, built from the template stored in the base GGUF, so the text the model is trained on
-and the text it is served are the same string.
+llama.cpp, built from the template stored in the base GGUF. The text the model is trained on and
+the text it is served are therefore the same string.
 """
 
 from __future__ import annotations

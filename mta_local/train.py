@@ -1,7 +1,7 @@
 """Train one LoRA adapter on (prompt, target) examples: anchors in the bank and the stacked adapter.
 
 The loop has nanoGPT's shape: seed, build, loop (set lr, forward, backward, clip, step, log), return.
-Only target tokens carry loss, so the lm_head is applied at target positions only; that skips most
+Only target tokens carry loss, so the lm_head is applied at target positions only. That skips most
 of the vocabulary projection, which dominates a 135M model's compute on short targets.
 """
 
@@ -42,7 +42,7 @@ class TrainResult:
 
 
 def encode_examples(tokenizer, render, examples: list[tuple[str, str]], eos_token: str, max_tokens: int) -> list[Encoded]:
-    """Tokenize examples as the chat runtime sees them: render(prompt) + target + eos.
+    """Tokenize examples as the chat runtime receives them: render(prompt) + target + eos.
 
     A prompt longer than the budget loses tokens from its middle, so the chat header and the end
     of the instruction (where the answer is asked for) stay intact.
