@@ -83,8 +83,7 @@ for index, path in enumerate(histories):
     t0 = time.perf_counter()
     result = enroll(path, EnrollConfig(profile=f"user{index}"))
     results.append({"timings": result.timings, "seconds": time.perf_counter() - t0,
-                    "size": result.size_bytes, "train_tokens": result.train_tokens,
-                    "durable": result.durable_bytes})
+                    "size": result.size_bytes, "train_tokens": result.train_tokens})
 print(json.dumps({"results": results, "total": time.perf_counter() - started,
                   "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
@@ -156,7 +155,7 @@ def llama_speed(base, adapters: list[tuple[Path, float]], prompt_tokens: int = 2
 
 
 def serving_report(profile_dir: Path, lines: list[str]) -> None:
-    from mta_local.folded import folded_base
+    from mta_local.derived import ensure_adapter, folded_base
     from mta_local.gguf_adapter import write_adapter
     from mta_local.models import resolve_base_model
     from mta_local.profile import load_profile
@@ -168,12 +167,15 @@ def serving_report(profile_dir: Path, lines: list[str]) -> None:
     stacked_path = profile_dir / "stacked.gguf"
     write_adapter(merged_path, merged_adapter(profile), base)
     write_adapter(stacked_path, profile.stacked(), base)
+    started = time.perf_counter()
     folded = folded_base(profile, base)
+    lines += ["", f"folded per-user copy written in {time.perf_counter() - started:.1f} s "
+              f"({folded.path.stat().st_size / 1e6:.0f} MB; the first `chat` after enroll pays this once)"]
     cases = [
         ("base alone", base, []),
-        ("base + combined adapter (F16 GGUF, what `chat` uses)", base, [(profile.adapter_gguf, 1.0)]),
+        ("base + combined adapter (F16 GGUF, `chat --runtime-adapter`, `serve`)", base, [(ensure_adapter(profile, base), 1.0)]),
         ("base + merged + stacked as two adapters", base, [(merged_path, 1.0), (stacked_path, 1.0)]),
-        (f"folded per-user copy ({folded.path.name.split('.')[-2]})", folded, []),
+        (f"folded per-user copy ({folded.path.name.split('.')[-2]}, what `chat` uses)", folded, []),
     ]
     lines += ["", "## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, best of 3)", "",
               "| model | prompt tokens/s | decode tokens/s | decode vs base |", "|---|---|---|---|"]
@@ -218,12 +220,13 @@ def main() -> int:
         lines += [f"| end to end (in process, imports included) | {first['seconds']:.1f} |", "",
                   f"stack training: {train_speed:.0f} tokens/s = {100 * train_speed / roofline:.0f} % of the roofline",
                   f"peak resident memory of the enroll process: {report['peak_rss_kb'] / 1024:.0f} MB",
-                  f"profile on disk: {first['size'] / 1e6:.2f} MB in all, {first['durable'] / 1e6:.2f} MB durable "
-                  f"(without the GGUF export, which is derived); a full rank-8 per-user LoRA (OPPU style, fp16): "
-                  f"{full_lora_bytes() / 1e6:.2f} MB"]
+                  f"profile on disk: {first['size'] / 1e6:.3f} MB ({first['size'] / 2**20:.3f} MiB); "
+                  f"a full rank-8 per-user LoRA (OPPU style, fp16): {full_lora_bytes() / 1e6:.2f} MB",
+                  f"derived files outside the profile (rebuilt when missing): runtime GGUF adapter "
+                  f"{derived_bytes(scratch / 'home', 'adapter-') / 1e6:.2f} MB"]
         if args.users > 1:
-            lines += ["", f"## {args.users} users in one process", "", "| user | seconds | profile MB (durable) |", "|---|---|---|"]
-            lines += [f"| {i + 1} | {r['seconds']:.1f} | {r['size'] / 1e6:.2f} ({r['durable'] / 1e6:.2f}) |"
+            lines += ["", f"## {args.users} users in one process", "", "| user | seconds | profile MB |", "|---|---|---|"]
+            lines += [f"| {i + 1} | {r['seconds']:.1f} | {r['size'] / 1e6:.3f} |"
                       for i, r in enumerate(report["results"])]
             lines += [f"total {report['total']:.0f} s; storage {sum(r['size'] for r in report['results']) / 1e6:.1f} MB; "
                       "the bank is shared and stored once"]
@@ -232,6 +235,11 @@ def main() -> int:
             serving_report(scratch, lines)
     print("\n".join(lines))
     return 0
+
+
+def derived_bytes(home: Path, prefix: str) -> int:
+    """Bytes of the first user's derived files whose names start with ``prefix``."""
+    return sum(p.stat().st_size for p in (home / "data" / "derived" / "user0").glob(f"{prefix}*"))
 
 
 def full_lora_bytes() -> int:

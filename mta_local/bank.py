@@ -376,6 +376,10 @@ def builtin_banks() -> dict[str, Path]:
     return {path.name: path for path in sorted(root.iterdir()) if (path / MANIFEST).is_file()}
 
 
+def has_builtin_bank(task: str) -> bool:
+    return any(Bank(path).task == task for path in builtin_banks().values())
+
+
 def open_bank(name_or_path: str | None, task: str) -> Bank:
     """Open a bank by folder path or built-in/installed name; without one, the built-in bank for ``task``."""
     if name_or_path is None:

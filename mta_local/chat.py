@@ -176,7 +176,8 @@ class HistoryTurns:
 
 
 class ChatSession:
-    """A loaded profile: base GGUF + the profile's adapter, ready for chat completions."""
+    """A loaded profile, ready for chat completions: the base GGUF with the profile's runtime adapter,
+    or with ``folded`` the profile's folded copy of the base."""
 
     def __init__(self, profile: Profile, history_in_prompt: int | None = None, n_ctx: int = 2048,
                  threads: int | None = None, seed: int = 0, folded: bool = False):
@@ -184,11 +185,13 @@ class ChatSession:
         self.base = resolve_base_model(profile.recipe["base_model"]["path"])
         if folded:
             # a per-user copy of the base with the adapters folded in decodes at the base model's speed
-            from .folded import folded_base
+            from .derived import folded_base
 
             self.llm = load_llama(folded_base(profile, self.base), n_ctx=n_ctx, threads=threads, seed=seed)
         else:
-            self.llm = load_llama(self.base, profile.adapter_gguf, n_ctx=n_ctx, threads=threads, seed=seed)
+            from .derived import ensure_adapter
+
+            self.llm = load_llama(self.base, ensure_adapter(profile, self.base), n_ctx=n_ctx, threads=threads, seed=seed)
         verify_applied(self.llm, profile, self.base)
         self.turns = HistoryTurns(profile, history_in_prompt)
         self.messages: list[dict] = []

@@ -48,7 +48,7 @@ def cli(verbose):
     mta-local chat
 
     Defaults for any option can be set in config.json (see `mta-local paths`), keyed by
-    command, e.g. {"enroll": {"model": "/models/x.gguf"}, "chat": {"folded": true}}.
+    command, e.g. {"enroll": {"model": "/models/x.gguf"}, "chat": {"folded": false}}.
     """
     try:
         click.get_current_context().default_map = load_cli_defaults()
@@ -176,15 +176,16 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0.0, 5.0), help="Sampling temperature (0: greedy).")
 @click.option("--history-items", type=click.IntRange(0, 20), help="History items retrieved into each turn (default: as in training).")
 @click.option("--threads", type=click.IntRange(1, 512), help="llama.cpp threads (default: llama.cpp's choice).")
-@click.option("--folded", is_flag=True,
-              help="Serve a per-user Q8_0 copy of the base with the adapters folded in (written once, 145 MB for the default model, "
-                   "in the data dir) instead of the runtime adapter: faster decoding, same adapter check.")
+@click.option("--folded/--runtime-adapter", default=True, show_default=True,
+              help="Serve a per-user Q8_0 copy of the base with the adapters folded in (written on first use, 145 MB for the "
+                   "default model, in the data dir), or the base with the runtime GGUF adapter (decodes about 20 % slower).")
 def chat(profile, prompt, max_tokens, temperature, history_items, threads, folded):
     """Chat with your personalized model through llama.cpp.
 
-    The base GGUF is loaded with the profile's adapter, and the adapter is checked
-    to be in effect before the first reply. Each turn gets the most relevant
-    history items (BM25) above it, as in training.
+    By default llama.cpp loads a copy of the base with the profile's adapters folded
+    into its weights, which decodes as fast as the base; the first chat after enroll
+    writes it. Either way the adapter is checked to be in effect before the first
+    reply. Each turn gets the most relevant history items (BM25) above it, as in training.
 
     \b
     mta-local chat --prompt "Which tag does this movie relate to among ... Tag:"
@@ -337,21 +338,34 @@ def bank():
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shard", callback=_parse_shard, metavar="I/N",
               help="Train only anchors i with i mod N = I and write a shard; join all N with `bank assemble`.")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Train the anchors in this many child processes, one GPU each (default: every visible GPU when "
+                   "there are two or more, else 1). On a CPU they split the cores.")
 @click.option("--silent", is_flag=True, help="No progress bar.")
-def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs, learning_rate, rank, max_tokens, model, embedder, seed, shard, silent):
+def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs, learning_rate, rank, max_tokens, model,
+               embedder, seed, shard, workers, silent):
     """Cluster users, pick one anchor per cluster and train one LoRA per anchor.
 
     USERS is a JSON list of LaMP-format users: [{"user_id": ..., "profile": [history items]}].
-    With --shard I/N, N machines or GPUs build one bank together: each runs the
-    same command with its own I, then `bank assemble` joins the N shard folders.
+    With two or more GPUs, each trains a share of the anchors (--workers). With
+    --shard I/N, N machines build one bank together: each runs the same command
+    with its own I, then `bank assemble` joins the N shard folders.
 
     \b
     mta-local bank build data/lamp2/bank_users.json --out bank/lamp2-movies --clusters 4
-    CUDA_VISIBLE_DEVICES=1 mta-local bank build users.json --out shards/1 --shard 1/4
+    mta-local bank build users.json --out shards/1 --shard 1/4     # machine 1 of 4
     """
     from .bank import BuildConfig, build_bank
     from .models import resolve_base_model
 
+    if shard is None:
+        from .shards import visible_gpus
+
+        gpus = visible_gpus()
+        workers = workers or (len(gpus) if len(gpus) >= 2 else 1)
+        if workers > 1:
+            _build_with_workers(click.get_current_context(), out, workers, gpus)
+            return
     lora = LoraConfig(rank=rank, alpha=2.0 * rank, epochs=epochs, learning_rate=learning_rate, max_tokens=max_tokens, seed=seed)
     build = BuildConfig(bank_id=bank_id or out.name, clusters=clusters, min_items=min_items, max_items=max_items, seed=seed)
     callback, close = _progress_bar("training anchor", silent)
@@ -365,6 +379,26 @@ def bank_build(users, out, bank_id, task, clusters, min_items, max_items, epochs
                f"{manifest['clustering']['users']} users in {manifest['build_seconds']:.0f} s -> {out}")
     if shard:
         click.echo("next: build the other shards, then mta-local bank assemble SHARD_DIR... --out DIR", err=True)
+
+
+def _build_with_workers(context: click.Context, out: Path, workers: int, gpus: list[str]) -> None:
+    from .shards import build_with_workers
+
+    started = time.perf_counter()
+    args = [str(context.params["users"])]
+    if context.params.get("bank_id") is None:
+        args += ["--id", out.name]  # the children's --out are shard folders; the bank keeps the name of this one
+    for param in context.command.params:
+        value = context.params.get(param.name)
+        if param.name in ("users", "out", "shard", "workers", "silent") or value is None or value is False:
+            continue
+        args += [param.opts[0]] if value is True else [param.opts[0], str(value)]
+    where = f"{workers} workers on GPUs {', '.join(gpus)}" if gpus else f"{workers} CPU workers"
+    click.echo(f"building with {where}", err=True)
+    manifest = build_with_workers(args, out, workers, gpus)
+    click.echo(f"bank {manifest['bank_id']} ({manifest['task']}): {len(manifest['anchors'])} anchors from "
+               f"{manifest['clustering']['users']} users in {time.perf_counter() - started:.0f} s "
+               f"({manifest['build_seconds']:.0f} s of worker time) -> {out}")
 
 
 @bank.command("assemble")

@@ -79,6 +79,16 @@ def profiles_dir() -> Path:
     return path
 
 
+def derived_dir() -> Path:
+    """Return the folder for files rebuilt from a profile (runtime GGUF adapter, folded base copies).
+
+    They hold the user's adaptation, so they stay in the private data dir, not in the cache.
+    """
+    path = user_dir() / "derived"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
 def builtin_banks_dir() -> Path:
     """Return the ``bank/`` folder of the source tree that contains the built-in banks."""
     return Path(__file__).resolve().parent.parent / "bank"

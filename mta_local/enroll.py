@@ -17,11 +17,10 @@ from .bank import open_bank
 from .config import EnrollConfig, LoraConfig
 from .embed import load_embedder, user_embedding
 from .errors import BankError, UnsupportedModelError
-from .gguf_adapter import write_adapter
 from .history import read_history, training_examples
-from .merge import concat, fold_into, merge_averaged, merge_exact
+from .merge import fold_into, merge_averaged, merge_exact
 from .models import load_training_model, pick_device, resolve_base_model
-from .profile import ADAPTER_GGUF, EMBEDDING, HISTORY, RECIPE, STACKED, ProfileWriter, save_stacked
+from .profile import ADAPTER_GGUF, EMBEDDING, HISTORY, RECIPE, STACKED, Profile, ProfileWriter, save_stacked
 from .retrieve import AnchorChoice, select_anchors
 from .templates import prompt_renderer
 from .train import encode_examples, train_lora
@@ -41,12 +40,8 @@ class EnrollResult:
 
     @property
     def size_bytes(self) -> int:
+        """Bytes of the profile folder (the runtime GGUF adapter lives outside it, in derived/)."""
         return sum(p.stat().st_size for p in self.profile_path.rglob("*") if p.is_file())
-
-    @property
-    def durable_bytes(self) -> int:
-        """Bytes that cannot be re-derived: all but the GGUF export (bank + recipe + stacked rebuild it)."""
-        return self.size_bytes - (self.profile_path / ADAPTER_GGUF).stat().st_size
 
 
 def check_stack_config(stack: LoraConfig, label: str = "stacked adapter") -> None:
@@ -135,7 +130,7 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
             "bank": {"id": the_bank.bank_id, "path": str(the_bank.path)},
             "base_model": {"name": base.name, "path": str(base.path), "sha256": base.sha256},
             "embedder": embedder_name,
-            "anchors": [{"id": c.anchor_id, "similarity": round(c.similarity, 6), "weight": round(c.weight, 6)}
+            "anchors": [{"id": c.anchor_id, "similarity": round(c.similarity, 6), "weight": c.weight}
                         for c in choices],
             "merge": merge,
             "stack": stack.to_dict(),
@@ -146,22 +141,24 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
             "losses": [round(loss, 4) for loss in result.losses],
             "created_by": f"mta-local {__version__}",
         }
-        path = _write_profile(enroll_config.profile, history, vector, result.adapter, merged, stack, base, recipe)
+        path = _write_profile(enroll_config.profile, history, vector, result.adapter, stack, base, recipe)
     logger.info("profile %s written to %s", enroll_config.profile, path)
     return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, result.tokens, timings)
 
 
-def _write_profile(name, history, vector, stacked, merged, stack, base, recipe) -> Path:
+def _write_profile(name, history, vector, stacked, stack, base, recipe) -> Path:
     from .chat import adapter_probe
+    from .derived import write_runtime_adapter
 
     writer = ProfileWriter(name)
     try:
         writer.write_json(HISTORY, history.items)
         writer.write_json(EMBEDDING, [round(float(x), 7) for x in vector])
         save_stacked(writer.path / STACKED, stacked, stack.rank, stack.alpha, stack.target_modules, base.name)
-        gguf_metadata = {key: recipe[key] for key in ("profile", "task", "bank", "anchors", "merge", "stack")}
-        write_adapter(writer.path / ADAPTER_GGUF, concat([merged, stacked]), base, metadata=gguf_metadata)
-        recipe["probe"] = adapter_probe(base, writer.path / ADAPTER_GGUF, history)
+        writer.write_json(RECIPE, recipe)
+        # the runtime adapter comes from the stored files, exactly as a later rebuild makes it
+        adapter = write_runtime_adapter(Profile(name, writer.path, recipe), writer.path / ADAPTER_GGUF, base)
+        recipe["probe"] = adapter_probe(base, adapter, history)
         writer.write_json(RECIPE, recipe)
         return writer.commit()
     except BaseException:

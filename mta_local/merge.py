@@ -60,6 +60,36 @@ class LoraWeights:
             tensors[module] = (pair["A"], pair["B"])
         return cls(tensors, scaling)
 
+    def to_packed(self, dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+        """Return (tensors, layout): the modules of one kind and shape stacked along a new first axis.
+
+        A per-module safetensors file of the default model names 420 tensors, and that header is
+        about 2 % of a rank-4 adapter's bytes; packed, 14 tensors remain. ``layout`` maps each
+        packed key to its modules in stacking order.
+        """
+        groups: dict[tuple, list[str]] = {}
+        for module, (lora_a, lora_b) in self.tensors.items():
+            groups.setdefault((module.rsplit(".", 1)[-1], tuple(lora_a.shape), tuple(lora_b.shape)), []).append(module)
+        state, layout = {}, {}
+        for index, ((kind, _, _), modules) in enumerate(sorted(groups.items())):
+            key = f"{index}.{kind}"
+            state[f"{key}.lora_A"] = torch.stack([self.tensors[m][0] for m in modules]).to(dtype).contiguous()
+            state[f"{key}.lora_B"] = torch.stack([self.tensors[m][1] for m in modules]).to(dtype).contiguous()
+            layout[key] = modules
+        return state, layout
+
+    @classmethod
+    def from_packed(cls, state: dict[str, torch.Tensor], layout: dict[str, list[str]], scaling: float) -> "LoraWeights":
+        """Inverse of ``to_packed``."""
+        tensors = {}
+        for key, modules in layout.items():
+            lora_a, lora_b = state[f"{key}.lora_A"], state[f"{key}.lora_B"]
+            if lora_a.shape[0] != len(modules) or lora_b.shape[0] != len(modules):
+                raise BankError(f"packed LoRA tensor {key!r} holds {lora_a.shape[0]} modules, its layout names {len(modules)}.")
+            for index, module in enumerate(modules):
+                tensors[module] = (lora_a[index], lora_b[index])
+        return cls(dict(sorted(tensors.items())), scaling)
+
     def to_peft_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         state = {}
         for module, (lora_a, lora_b) in self.tensors.items():

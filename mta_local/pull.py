@@ -28,6 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,41 @@ def _pull(origin, base: BaseModel, name: str | None, progress) -> PullResult:
         raise BankError(f"{origin.label}: {name!r} cannot name an installed bank (letters, digits, '.', '_', '-'); "
                         "pass --name NAME.")
 
+    with _name_lock(name):
+        return _pull_locked(origin, base, name, manifest, manifest_bytes, progress)
+
+
+@contextmanager
+def _name_lock(name: str):
+    """Hold an exclusive lock on an installed bank name, so two pulls never share one staging folder."""
+    path = installed_banks_dir() / f".{name}.lock"
+    with open(path, "a+b") as handle:
+        try:
+            _lock_file(handle)
+            # the holder before us deletes the file when done: a lock on that deleted file is no lock
+            if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
+                raise OSError
+        except OSError:
+            raise BankError(f"another `mta-local bank pull` or `bank remove` of {name!r} is running (it holds {path}); "
+                            "wait for it to finish, then run this command again.") from None
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still locked here; the lock itself ends with the file or the process
+
+
+def _lock_file(handle) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _pull_locked(origin, base: BaseModel, name: str, manifest: dict, manifest_bytes: bytes, progress) -> PullResult:
     # validate the manifest (format, file names) in the staging folder before fetching any file
     staging = installed_banks_dir() / f".{name}.pull"
     staging.mkdir(parents=True, exist_ok=True)
@@ -392,6 +428,7 @@ def remove_bank(name: str) -> Path:
             raise BankError(f"{name} is a built-in bank; it ships with mta-local and cannot be removed.")
         raise BankError(f"no installed bank {name!r} (installed: {', '.join(installed_banks()) or 'none'}); "
                         "see `mta-local bank list`.")
-    shutil.rmtree(target)
-    shutil.rmtree(installed_banks_dir() / f".{name}.pull", ignore_errors=True)
+    with _name_lock(name):
+        shutil.rmtree(target)
+        shutil.rmtree(installed_banks_dir() / f".{name}.pull", ignore_errors=True)
     return target

@@ -133,9 +133,11 @@ def evaluate_and_report(data, config, out_dir: Path, task: str | None = None, ou
     import json
     import time
 
-    from .bank import open_bank
+    from dataclasses import replace
+
+    from .bank import has_builtin_bank, open_bank
     from .data import check_disjoint, load_eval_users
-    from .evaluate import BANK_METHODS, check_run_file, choose_users, read_done, run_eval
+    from .evaluate import BANK_METHODS, METHODS, check_run_file, choose_users, read_done, run_eval
 
     started = time.perf_counter()
     users = load_eval_users(data, task, outputs)
@@ -143,6 +145,11 @@ def evaluate_and_report(data, config, out_dir: Path, task: str | None = None, ou
 
     # bank: needed by merged-only and mta; its users and training texts must not overlap the evaluation
     the_bank = None
+    if bank is None and config.methods == METHODS and not has_builtin_bank(the_task.name):
+        # "all" on a task without a bank: run what needs no bank rather than nothing
+        logger.warning("no built-in bank for task %s, so merged-only and mta are left out; pass --bank to run them",
+                       the_task.name)
+        config = replace(config, methods=tuple(m for m in METHODS if m not in BANK_METHODS))
     if bank is not None or set(config.methods) & set(BANK_METHODS):
         the_bank = open_bank(bank, the_task.name)
         if the_bank.task != the_task.name:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .chat import HistoryTurns, load_llama, load_lora, set_loras, verify_applied
+from .derived import ensure_adapter
 from .errors import MtaError, ProfileError
 from .models import BaseModel, resolve_base_model
 from .profile import list_profiles, load_profile
@@ -62,7 +63,7 @@ class ProfileServer:
         for profile in loaded:
             if profile.name == BASE_MODEL_ID:
                 raise ProfileError(f"a profile named {BASE_MODEL_ID!r} clashes with the base model's id; rename it.")
-            served = ServedProfile(profile.name, load_lora(self.llm, profile.adapter_gguf), HistoryTurns(profile))
+            served = ServedProfile(profile.name, load_lora(self.llm, ensure_adapter(profile, self.base)), HistoryTurns(profile))
             self.profiles[profile.name] = served
             self._activate(profile.name)
             verify_applied(self.llm, profile, self.base)

@@ -1,15 +1,21 @@
-"""Join bank shards, built on several machines or GPUs with ``bank build --shard I/N``, into one bank.
+"""Build a bank in shards, on several GPUs of one machine or on several machines, and join them.
 
 Every shard clusters all users and lists all anchors in ``shard.anchors``, but trains only the
 anchors whose position i satisfies i mod N == I. Assembling checks that the shards come from
 the same clustering and configuration, and that together they trained each anchor exactly once.
+``build_with_workers`` runs the N shards of one machine as child processes, each pinned to one
+GPU, and assembles them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from .bank import MANIFEST, Bank, _replace_dir, check_file_name
@@ -113,3 +119,70 @@ def assemble_shards(shard_dirs: list[Path], out_dir: Path) -> dict:
     _replace_dir(partial, out_dir)
     logger.info("assembled %d shards into %s (%d anchors)", len(shards), out_dir, len(records))
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# shards as child processes on one machine
+
+def visible_gpus() -> list[str]:
+    """Return the CUDA device ids this process may use (respecting CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+def worker_env(index: int, workers: int, gpus: list[str]) -> dict[str, str]:
+    """Environment of shard ``index``: one GPU each (round robin), or an equal share of the CPU cores."""
+    env = dict(os.environ)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    else:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
+def build_with_workers(build_args: list[str], out_dir: Path, workers: int, gpus: list[str], progress=None) -> dict:
+    """Run ``bank build BUILD_ARGS --shard I/N`` as N child processes and assemble their shards into ``out_dir``.
+
+    ``build_args`` are the command's arguments without --out and --shard. Each child writes a log
+    next to its shard; a failed child stops the others, and its log tail is in the error.
+    ``progress(done, total)`` is called as shards finish. Returns the assembled manifest.
+    """
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(f".{out_dir.name}.shards")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    children: list[tuple[int, subprocess.Popen, Path]] = []
+    try:
+        for index in range(workers):
+            log = work / f"shard-{index}.log"
+            command = [sys.executable, "-m", "mta_local", "bank", "build", *build_args,
+                       "--out", str(work / f"shard-{index}"), "--shard", f"{index}/{workers}", "--workers", "1", "--silent"]
+            with open(log, "wb") as sink:
+                children.append((index, subprocess.Popen(command, env=worker_env(index, workers, gpus),
+                                                         stdout=sink, stderr=subprocess.STDOUT), log))
+            logger.info("shard %d/%d started on %s", index, workers, f"GPU {gpus[index % len(gpus)]}" if gpus else "CPU")
+        running = list(children)
+        while running:
+            for entry in list(running):
+                index, child, log = entry
+                code = child.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                if code != 0:
+                    tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+                    raise BankError(f"shard {index}/{workers} of the bank build failed (exit {code}): "
+                                    f"{' | '.join(tail) or 'no output'}. Fix that and run the build again.")
+                if progress is not None:
+                    progress(workers - len(running), workers)
+            time.sleep(0.2)
+        return assemble_shards([work / f"shard-{index}" for index in range(workers)], out_dir)
+    finally:
+        for _, child, _ in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        shutil.rmtree(work, ignore_errors=True)

@@ -38,14 +38,21 @@ def profile_dir(home, name="default"):
     return home / "data" / "profiles" / name
 
 
+def derived_files(home, pattern, name="default"):
+    return sorted((home / "data" / "derived" / name).glob(pattern))
+
+
 def test_enroll_writes_profile(enrolled, home):
     folder = profile_dir(home)
     recipe = json.loads((folder / "recipe.json").read_text())
 
     assert "anchors: lamp2-movies/" in enrolled.output
-    for name in ("recipe.json", "history.json", "embedding.json", "adapter.gguf",
-                 "stacked/adapter_config.json", "stacked/adapter_model.safetensors"):
+    names = ("recipe.json", "history.json", "embedding.json", "stacked/adapter_config.json", "stacked/adapter.safetensors")
+    for name in names:
         assert (folder / name).is_file(), name
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == sorted(names)
+    assert sum((folder / name).stat().st_size for name in names) <= 2_500_000
+    assert len(derived_files(home, "adapter-*.gguf")) == 1
     assert recipe["bank"]["id"] == "lamp2-movies"
     assert [a["weight"] for a in recipe["anchors"]] == sorted((a["weight"] for a in recipe["anchors"]), reverse=True)
     assert sum(a["weight"] for a in recipe["anchors"]) == pytest.approx(1.0, abs=1e-5)
@@ -54,19 +61,25 @@ def test_enroll_writes_profile(enrolled, home):
     assert not list(folder.parent.glob(".*"))
 
 
-def test_stacked_adapter_is_peft_format(enrolled, home):
+def test_stacked_adapter_config_is_peft_format(enrolled, in_home, home):
     from peft import LoraConfig
 
+    from mta_local.profile import load_profile
+
     config = LoraConfig.from_pretrained(str(profile_dir(home) / "stacked"))
+    stacked = load_profile().stacked()
 
     assert config.r == 4
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(stacked.tensors) == 30 * 7
+    assert stacked.tensors["model.layers.29.mlp.down_proj"][0].shape == (4, 1536)
 
 
 def test_chat_one_shot_answers(enrolled, in_home):
     prompt = QUERIES[MOVIE_USER]["prompt"]
 
-    result = CliRunner().invoke(cli, ["chat", "--prompt", prompt, "--max-tokens", "16"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["chat", "--runtime-adapter", "--prompt", prompt, "--max-tokens", "16"],
+                                catch_exceptions=False)
 
     assert result.exit_code == 0, result.output
     assert result.output.strip()
@@ -88,14 +101,26 @@ def test_chat_prompt_equals_training_prompt(enrolled, in_home):
     assert served == trained_prompt
 
 
-def test_chat_rejects_missing_adapter(enrolled, in_home, home):
+def test_chat_rebuilds_missing_runtime_adapter(enrolled, in_home, home):
+    shutil.copytree(profile_dir(home), profile_dir(home, "copied"))
+    assert not derived_files(home, "*", "copied")
+
+    result = CliRunner().invoke(cli, ["chat", "--profile", "copied", "--runtime-adapter", "--prompt", "hi", "--max-tokens", "4"],
+                                catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    rebuilt, = derived_files(home, "adapter-*.gguf", "copied")
+    assert rebuilt.read_bytes() == derived_files(home, "adapter-*.gguf")[0].read_bytes()
+
+
+def test_chat_rejects_profile_without_stacked_adapter(enrolled, in_home, home):
     shutil.copytree(profile_dir(home), profile_dir(home, "broken"))
-    (profile_dir(home, "broken") / "adapter.gguf").unlink()
+    (profile_dir(home, "broken") / "stacked" / "adapter.safetensors").unlink()
 
     result = CliRunner().invoke(cli, ["chat", "--profile", "broken", "--prompt", "hi"], catch_exceptions=False)
 
     assert result.exit_code == 1
-    assert "incomplete (missing adapter.gguf)" in result.output
+    assert "incomplete (missing stacked/adapter.safetensors)" in result.output
 
 
 def test_chat_rejects_adapter_without_effect(enrolled, in_home, home):
@@ -107,9 +132,10 @@ def test_chat_rejects_adapter_without_effect(enrolled, in_home, home):
     shutil.copytree(profile_dir(home), profile_dir(home, "inert"))
     stacked = load_profile("inert").stacked()
     inert = LoraWeights({m: (a, b * 0) for m, (a, b) in stacked.tensors.items()}, 1.0)
-    write_adapter(profile_dir(home, "inert") / "adapter.gguf", inert, resolve_base_model())
+    write_adapter(load_profile("inert").adapter_gguf, inert, resolve_base_model())
 
-    result = CliRunner().invoke(cli, ["chat", "--profile", "inert", "--prompt", "hi"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["chat", "--profile", "inert", "--runtime-adapter", "--prompt", "hi"],
+                                catch_exceptions=False)
 
     assert result.exit_code == 1
     assert "is not in effect" in result.output
@@ -171,13 +197,13 @@ def test_bank_build_then_enroll(tmp_path, monkeypatch):
     assert manifest["clustering"]["users"] == 12
     assert enrolled.exit_code == 0, enrolled.output
     assert "anchors: tiny/" in enrolled.output
-    assert (tmp_path / "home" / "data" / "profiles" / "tiny" / "adapter.gguf").is_file()
+    assert derived_files(tmp_path / "home", "adapter-*.gguf", "tiny")
 
 
 def test_interrupted_enroll_keeps_previous_profile(enrolled, in_home, home, monkeypatch):
     import mta_local.enroll
 
-    before = (profile_dir(home) / "adapter.gguf").read_bytes()
+    before = {p: p.read_bytes() for p in [*profile_dir(home).rglob("*.*"), *derived_files(home, "*")]}
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -186,15 +212,16 @@ def test_interrupted_enroll_keeps_previous_profile(enrolled, in_home, home, monk
     result = CliRunner().invoke(cli, ["enroll", str(EXAMPLES / OTHER_MOVIE_USER), "--silent"])
 
     assert result.exit_code == 130
-    assert (profile_dir(home) / "adapter.gguf").read_bytes() == before
+    assert {p: p.read_bytes() for p in [*profile_dir(home).rglob("*.*"), *derived_files(home, "*")]} == before
     assert not list(profile_dir(home).parent.glob(".*"))
 
 
-def test_chat_folded_copy_answers(enrolled, in_home, home):
+def test_chat_default_uses_folded_copy(enrolled, in_home, home):
     prompt = QUERIES[MOVIE_USER]["prompt"]
 
-    result = CliRunner().invoke(cli, ["chat", "--folded", "--prompt", prompt, "--max-tokens", "16"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["chat", "--prompt", prompt, "--max-tokens", "16"], catch_exceptions=False)
 
     assert result.exit_code == 0, result.output
     assert result.output.strip()
-    assert (home / "data" / "folded" / "default" / "base-folded.Q8_0.gguf").is_file()
+    folded, = derived_files(home, "base-folded-*.Q8_0.gguf")
+    assert folded.name.split("-")[2].split(".")[0] == derived_files(home, "adapter-*.gguf")[0].stem.split("-")[1]

@@ -166,6 +166,33 @@ def test_eval_cli_lamp4_questions(tmp_path):
     assert prior["rouge-1"] == 0.0  # the nearest history title shares no word with "Subway Floods"
 
 
+def citation_questions(tmp_path):
+    """Write a LaMP-1-format questions/outputs pair with one user (a task no built-in bank covers)."""
+    profile = [{"id": "1", "title": "Sparse attention for long documents", "abstract": "We sparsify attention."},
+               {"id": "2", "title": "Pruning transformers at training time", "abstract": "We prune weights early."}]
+    prompt = ('For an author who has written the paper with the title "Efficient long-context transformers", which '
+              "reference is related? Just answer with [1] or [2] without explanation. "
+              "Reference: [1] - Linear attention revisited [2] - Soil moisture in alpine meadows Answer:")
+    (tmp_path / "dev_questions.json").write_text(json.dumps([{"id": "100", "input": prompt, "profile": profile}]))
+    (tmp_path / "dev_outputs.json").write_text(json.dumps({"task": "LaMP_1", "golds": [{"id": "100", "output": "[1]"}]}))
+    return tmp_path / "dev_questions.json"
+
+
+@pytest.mark.slow
+def test_eval_all_methods_on_task_without_bank(tmp_path):
+    out = tmp_path / "out"
+    args = ["eval", "--data", str(citation_questions(tmp_path)), "--task", "citation", "--methods", "all",
+            "--out", str(out), "--resamples", "20"]
+
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "no built-in bank for task citation, so merged-only and mta are left out" in result.stderr
+    assert "| LaMP-1 | Acc / F1 |" in result.stdout
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert sorted(methods) == sorted(["base", "prior", "rag-1", "rag-3", "rag-5", "adapt-only"])
+
+
 def test_eval_cli_bad_weights(tmp_path):
     args = ["eval", "--data", str(movie_users_file(tmp_path)), "--merge-weights", "0.5,x"]
 

@@ -103,3 +103,17 @@ def test_peft_state_dict_round_trip():
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state
     for module in MODULES:
         assert torch.equal(restored.delta(module), adapter.delta(module))
+
+
+def test_packed_round_trip_groups_modules_by_kind_and_shape():
+    first, second = random_lora(4, 8.0, seed=6), random_lora(4, 8.0, seed=7)
+    tensors = {**first.tensors, **{m.replace("layers.0", "layers.1"): pair for m, pair in second.tensors.items()}}
+    adapter = LoraWeights(tensors, first.scaling)
+
+    state, layout = adapter.to_packed(torch.float32)
+    restored = LoraWeights.from_packed(state, layout, adapter.scaling)
+
+    assert len(layout) == 2 and len(state) == 4  # q_proj and down_proj, two layers each
+    assert sorted(m for modules in layout.values() for m in modules) == sorted(tensors)
+    for module in tensors:
+        assert torch.equal(restored.delta(module), adapter.delta(module))

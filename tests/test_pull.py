@@ -350,3 +350,28 @@ def test_wrong_tensor_shape_rejected(small_bank):
 def test_other_embedder_rejected(small_bank):
     with pytest.raises(BankError, match="built with embedder 'all-MiniLM-L6-v2', not 'other-embedder'"):
         Bank(small_bank).check_compatible(resolve_base_model(), "other-embedder")
+
+
+def test_concurrent_pull_of_same_name_refused(small_bank, bank_cache):
+    import subprocess
+    import sys
+
+    bank_cache.mkdir(parents=True, exist_ok=True)
+    # another process holds the name's lock, as a running pull does
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"handle = open({str(bank_cache / '.movies-1.lock')!r}, 'a+b')\n"
+        "fcntl.flock(handle.fileno(), fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        blocked = pull(str(small_bank))
+    finally:
+        holder.kill()
+        holder.wait()
+    after = pull(str(small_bank))
+
+    assert blocked.exit_code == 1
+    assert "another `mta-local bank pull` or `bank remove` of 'movies-1' is running" in blocked.output
+    assert after.exit_code == 0, after.output  # the lock ends with the process that held it

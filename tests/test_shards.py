@@ -162,3 +162,37 @@ def test_build_shard_lists_all_anchors(tmp_path):
     assert len(manifest["clustering"]["users_sha256"]) == 64
     with pytest.raises(BankError, match="this is shard 2/3 of a bank"):
         Bank(tmp_path / "shard")
+
+
+def two_users(tmp_path):
+    users = [{"user_id": user, "profile": json.loads((EXAMPLES / f"lamp2-user-{user}.json").read_text())}
+             for user in ("8000029", "8000137")]
+    (tmp_path / "users.json").write_text(json.dumps(users))
+    return tmp_path / "users.json"
+
+
+@pytest.mark.slow
+def test_build_with_two_workers_assembles_one_bank(tmp_path):
+    # the same child processes that take one GPU each, here on the CPU: each trains one of 2 anchors
+    result = CliRunner().invoke(cli, ["bank", "build", str(two_users(tmp_path)), "--out", str(tmp_path / "bank"),
+                                      "--clusters", "2", "--min-items", "2", "--max-items", "2", "--epochs", "1",
+                                      "--rank", "2", "--max-tokens", "64", "--workers", "2", "--silent"],
+                                catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert "building with 2 CPU workers" in result.stderr
+    bank = Bank(tmp_path / "bank")
+    assert bank.manifest["assembled_from_shards"] == 2
+    assert sorted(anchor["user_id"] for anchor in bank.anchors) == ["8000029", "8000137"]
+    assert bank.load_anchor(bank.anchors[0]["id"]).rank == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank", "users.json"]  # no shard folders left
+
+
+def test_build_with_workers_reports_failed_shard(tmp_path):
+    result = CliRunner().invoke(cli, ["bank", "build", str(two_users(tmp_path)), "--out", str(tmp_path / "bank"),
+                                      "--clusters", "3", "--workers", "2", "--silent"], catch_exceptions=False)
+
+    assert result.exit_code == 1
+    assert "of the bank build failed (exit 1)" in result.stderr
+    assert "3 clusters requested but only 2 users; lower --clusters." in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.json"]
