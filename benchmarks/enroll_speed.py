@@ -72,6 +72,8 @@ def matmul_parameters() -> int:
     return total
 
 
+SPEED_ROUNDS = 5
+
 CHILD = r"""
 import json, resource, sys, time
 started = time.perf_counter()
@@ -117,9 +119,8 @@ def scale_histories(count: int, folder: Path) -> list[Path]:
     return paths
 
 
-def llama_speed(base, adapters: list[tuple[Path, float]], prompt_tokens: int = 256, decode_tokens: int = 128,
-                threads: int | None = None) -> tuple[float, float]:
-    """Return (prompt tokens/s, decode tokens/s) of llama.cpp with the given adapters (greedy)."""
+def load_case(base, adapters: list[tuple[Path, float]], threads: int | None = None):
+    """Load ``base`` in llama.cpp with the given adapters active; return the Llama object."""
     import ctypes
 
     import llama_cpp
@@ -127,31 +128,33 @@ def llama_speed(base, adapters: list[tuple[Path, float]], prompt_tokens: int = 2
     from mta_local.chat import load_llama
 
     llm = load_llama(base, n_ctx=1024, threads=threads)
-    handles = []
     if adapters:
         handles = [llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode()) for path, _ in adapters]
+        for handle in handles:
+            llm._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
         array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
         scales = (ctypes.c_float * len(handles))(*[scale for _, scale in adapters])
         if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, array, len(handles), scales):
             raise RuntimeError("llama.cpp rejected the adapters")
+    return llm
+
+
+def llama_speed(llm, prompt_tokens: int = 256, decode_tokens: int = 128) -> tuple[float, float]:
+    """Return (prompt tokens/s, decode tokens/s) of one greedy run of ``llm``."""
+    import llama_cpp
+
     text = EXAMPLE.read_text(encoding="utf-8")
     tokens = llm.tokenize(text.encode(), add_bos=False)[:prompt_tokens]
-    best_prompt, best_decode = 0.0, 0.0
-    for _ in range(3):
-        llm.reset()
-        started = time.perf_counter()
-        llm.eval(tokens)
-        prompt_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        for _ in range(decode_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
-            llm.eval([int(np.argmax(logits))])
-        decode_seconds = time.perf_counter() - started
-        best_prompt = max(best_prompt, len(tokens) / prompt_seconds)
-        best_decode = max(best_decode, decode_tokens / decode_seconds)
-    for handle in handles:
-        llama_cpp.llama_adapter_lora_free(handle)
-    return best_prompt, best_decode
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(tokens)
+    prompt_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(decode_tokens):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(logits))])
+    decode_seconds = time.perf_counter() - started
+    return len(tokens) / prompt_seconds, decode_tokens / decode_seconds
 
 
 def serving_report(profile_dir: Path, lines: list[str]) -> None:
@@ -177,12 +180,17 @@ def serving_report(profile_dir: Path, lines: list[str]) -> None:
         ("base + merged + stacked as two adapters", base, [(merged_path, 1.0), (stacked_path, 1.0)]),
         (f"folded per-user copy ({folded.path.name.split('.')[-2]}, what `chat` uses)", folded, []),
     ]
-    lines += ["", "## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, best of 3)", "",
+    lines += ["", f"## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, best of {SPEED_ROUNDS} "
+              "rounds; each round runs every model once, so slow spells of the machine hit all rows alike)", "",
               "| model | prompt tokens/s | decode tokens/s | decode vs base |", "|---|---|---|---|"]
-    base_decode = None
-    for label, model, adapters in cases:
-        prompt_speed, decode_speed = llama_speed(model, adapters)
-        base_decode = base_decode or decode_speed
+    loaded = [load_case(model, adapters) for _, model, adapters in cases]
+    best = [(0.0, 0.0)] * len(cases)
+    for _ in range(SPEED_ROUNDS):
+        for index, llm in enumerate(loaded):
+            prompt_speed, decode_speed = llama_speed(llm)
+            best[index] = (max(best[index][0], prompt_speed), max(best[index][1], decode_speed))
+    base_decode = best[0][1]
+    for (label, _, _), (prompt_speed, decode_speed) in zip(cases, best):
         lines.append(f"| {label} | {prompt_speed:.0f} | {decode_speed:.1f} | {100 * decode_speed / base_decode:.0f} % |")
 
 

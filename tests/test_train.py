@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mta_local.config import LoraConfig
-from mta_local.train import Encoded, collate, loss_sum_fast, loss_sum_plain, train_lora
+from mta_local.train import Encoded, collate, loss_sum_fast, loss_sum_plain, train_lora, use_fast_lora_forward
 
 
 def tiny_llama():
@@ -64,3 +64,35 @@ def test_train_lora_is_seeded():
     assert first.losses == pytest.approx(second.losses)
     module = "model.layers.0.self_attn.q_proj"
     assert torch.equal(first.adapter.tensors[module][1], second.adapter.tensors[module][1])
+
+
+def test_fast_lora_forward_matches_peft_loss_and_gradients():
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model = tiny_llama()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)  # a trained adapter: zero lora_B would hide the LoRA path
+    batch = collate(BATCH, pad_id=0, device="cpu")
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        peft_model.zero_grad()
+        loss, _ = loss_sum_fast(peft_model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    peft_loss, peft_grads = loss_and_grads()
+    switched = use_fast_lora_forward(peft_model)
+    fast_loss, fast_grads = loss_and_grads()
+
+    assert switched == 2 * 3
+    assert torch.allclose(fast_loss, peft_loss, rtol=1e-6)
+    for expected, actual in zip(peft_grads, fast_grads):
+        assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
