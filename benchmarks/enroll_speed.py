@@ -36,8 +36,12 @@ def machine() -> str:
             f"Python {platform.python_version()}; {platform.system()} {platform.machine()}")
 
 
-def matmul_gflops(threads: int, size=(2048, 576, 1536), repeats: int = 20) -> float:
-    """fp32 matmul throughput with torch at ``threads`` threads, on a shape typical of the model's MLP."""
+def matmul_gflops(threads: int, size=(2048, 576, 1536), repeats: int = 20, bursts: int = 5) -> float:
+    """fp32 matmul throughput with torch at ``threads`` threads, on a shape typical of the model's MLP.
+
+    Returns the median of ``bursts`` timed bursts: on a shared machine one burst alone varied by
+    about 10 % between runs, and training runs under the machine's typical conditions, not its best.
+    """
     import torch
 
     torch.set_num_threads(threads)
@@ -45,10 +49,13 @@ def matmul_gflops(threads: int, size=(2048, 576, 1536), repeats: int = 20) -> fl
     a, b = torch.randn(n, k), torch.randn(k, m)
     for _ in range(3):
         a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n * k * m * repeats / (time.perf_counter() - started) / 1e9
+    rates = []
+    for _ in range(bursts):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        rates.append(2 * n * k * m * repeats / (time.perf_counter() - started) / 1e9)
+    return sorted(rates)[bursts // 2]
 
 
 def is_block_projection(tensor) -> bool:

@@ -12,7 +12,8 @@
         base-folded-<key>.Q8_0.gguf the base with both adapters folded in (written by chat)
 
 The profile folder is the durable part. The derived files are rebuilt from it and the bank when
-missing; ``key`` hashes what they are built from, so a re-enrolled profile never picks up a stale one.
+they are missing. ``key`` hashes what they are built from, so a re-enrolled profile never picks
+up a stale one.
 
 A profile is written to a temporary folder and renamed into place, so an interrupted enroll
 leaves the previous profile (if any) untouched.
@@ -80,7 +81,7 @@ class Profile:
 
     @property
     def adapter_gguf(self) -> Path:
-        """Where the runtime GGUF adapter of this profile lives (``derived.ensure_adapter`` writes it)."""
+        """Path of this profile's runtime GGUF adapter (``derived.ensure_adapter`` writes it)."""
         return self.derived_path / f"adapter-{self.key}.gguf"
 
     def history(self) -> list[dict]:

@@ -347,7 +347,7 @@ def _name_lock(name: str):
     with open(path, "a+b") as handle:
         try:
             _lock_file(handle)
-            # the holder before us deletes the file when done: a lock on that deleted file is no lock
+            # the previous holder deletes the file when done, and a lock on a deleted file protects nothing
             if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
                 raise OSError
         except OSError:
