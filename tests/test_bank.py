@@ -8,7 +8,7 @@ from mta_local.config import LLAMA_TARGET_MODULES
 from mta_local.errors import BankError
 from mta_local.models import resolve_base_model
 
-BUILTIN = ["lamp2-movies", "amazon-rating"]
+BUILTIN = ["lamp2-movies", "amazon-rating", "amazon-titles"]
 
 
 @pytest.mark.parametrize("name", BUILTIN)

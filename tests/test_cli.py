@@ -92,6 +92,7 @@ def test_builtin_banks_listed():
 
     assert "lamp2-movies\tbuilt-in\tmovie_tagging" in result.output
     assert "amazon-rating\tbuilt-in\tproduct_rating" in result.output
+    assert "amazon-titles\tbuilt-in\tnews_headline" in result.output
 
 
 def test_config_file_sets_option_defaults(user_home, tmp_path):
