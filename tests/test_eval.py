@@ -179,7 +179,7 @@ def citation_questions(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_all_methods_on_task_without_bank(tmp_path):
+def test_eval_all_methods_on_task_without_bank(tmp_path, caplog):
     out = tmp_path / "out"
     args = ["eval", "--data", str(citation_questions(tmp_path)), "--task", "citation", "--methods", "all",
             "--out", str(out), "--resamples", "20"]
@@ -187,7 +187,7 @@ def test_eval_all_methods_on_task_without_bank(tmp_path):
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
 
     assert result.exit_code == 0, result.output
-    assert "no built-in bank for task citation, so merged-only and mta are left out" in result.stderr
+    assert "no built-in bank for task citation, so merged-only and mta are left out" in caplog.text
     assert "| LaMP-1 | Acc / F1 |" in result.stdout
     methods = json.loads((out / "results.json").read_text())["methods"]
     assert sorted(methods) == sorted(["base", "prior", "rag-1", "rag-3", "rag-5", "adapt-only"])
