@@ -160,7 +160,7 @@ def enroll(history, profile, task, bank, model, embedder, top_k, epochs, learnin
     click.echo(f"profile {profile!r} ({result.task}) written to {result.profile_path}")
     click.echo(f"bank {result.bank_id}; anchors: " + ", ".join(
         f"{choice.anchor_id} (similarity {choice.similarity:.3f}, weight {choice.weight:.3f})" for choice in result.anchors))
-    click.echo(f"final training loss {result.losses[-1]:.4f}; profile size {result.size_bytes / 1e6:.1f} MB; "
+    click.echo(f"final training loss {result.losses[-1]:.4f}; profile size {result.size_bytes / 1e6:.2f} MB; "
                f"{time.perf_counter() - started:.1f} s")
     logging.getLogger(__name__).info("timings: %s", ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     click.echo(f"next: mta-local chat --profile {profile}", err=True)
