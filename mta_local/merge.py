@@ -64,7 +64,7 @@ class LoraWeights:
         """Return (tensors, layout): the modules of one kind and shape stacked along a new first axis.
 
         A per-module safetensors file of the default model names 420 tensors, and that header is
-        about 2 % of a rank-4 adapter's bytes; packed, 14 tensors remain. ``layout`` maps each
+        about 2 % of a rank-4 adapter's bytes. Packed, 14 tensors remain. ``layout`` maps each
         packed key to its modules in stacking order.
         """
         groups: dict[tuple, list[str]] = {}
@@ -85,7 +85,8 @@ class LoraWeights:
         for key, modules in layout.items():
             lora_a, lora_b = state[f"{key}.lora_A"], state[f"{key}.lora_B"]
             if lora_a.shape[0] != len(modules) or lora_b.shape[0] != len(modules):
-                raise BankError(f"packed LoRA tensor {key!r} holds {lora_a.shape[0]} modules, its layout names {len(modules)}.")
+                raise BankError(f"packed LoRA tensor {key!r} contains {lora_a.shape[0]} modules but its layout lists {len(modules)}; "
+                                "enroll again to rewrite the adapter.")
             for index, module in enumerate(modules):
                 tensors[module] = (lora_a[index], lora_b[index])
         return cls(dict(sorted(tensors.items())), scaling)

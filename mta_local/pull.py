@@ -351,7 +351,7 @@ def _name_lock(name: str):
             if os.stat(path).st_ino != os.fstat(handle.fileno()).st_ino:
                 raise OSError
         except OSError:
-            raise BankError(f"another `mta-local bank pull` or `bank remove` of {name!r} is running (it holds {path}); "
+            raise BankError(f"another `mta-local bank pull` or `bank remove` of {name!r} is running (it has locked {path}); "
                             "wait for it to finish, then run this command again.") from None
         try:
             yield

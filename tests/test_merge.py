@@ -105,7 +105,7 @@ def test_peft_state_dict_round_trip():
         assert torch.equal(restored.delta(module), adapter.delta(module))
 
 
-def test_packed_round_trip_groups_modules_by_kind_and_shape():
+def test_packed_round_trip():
     first, second = random_lora(4, 8.0, seed=6), random_lora(4, 8.0, seed=7)
     tensors = {**first.tensors, **{m.replace("layers.0", "layers.1"): pair for m, pair in second.tensors.items()}}
     adapter = LoraWeights(tensors, first.scaling)
@@ -113,7 +113,8 @@ def test_packed_round_trip_groups_modules_by_kind_and_shape():
     state, layout = adapter.to_packed(torch.float32)
     restored = LoraWeights.from_packed(state, layout, adapter.scaling)
 
-    assert len(layout) == 2 and len(state) == 4  # q_proj and down_proj, two layers each
+    assert len(layout) == 2  # q_proj and down_proj, two layers each
+    assert len(state) == 4
     assert sorted(m for modules in layout.values() for m in modules) == sorted(tensors)
     for module in tensors:
         assert torch.equal(restored.delta(module), adapter.delta(module))
