@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,48 @@ def _quiet_stderr():
         os.close(saved)
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """True when the CPU reports Intel AMX (Linux /proc/cpuinfo flags)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_int8" in line.split() for line in cpuinfo.splitlines())
+
+
+_model_params_lock = threading.Lock()
+
+
+@contextmanager
+def _without_extra_buffers(enabled: bool):
+    """Load llama.cpp weights without its extra buffer types (AMX and repacked layouts) when ``enabled``.
+
+    llama-cpp-python 0.3.36 built with ``-march=native`` on an AMX CPU (Intel Sapphire Rapids)
+    places the Q4_1 weights of the default model in ggml's AMX buffer, and the first matrix product there ends the
+    process with a segmentation fault. ``Llama()`` has no argument for the model parameter
+    ``use_extra_bufts``, so its default is replaced while the model loads.
+    """
+    if not enabled:
+        yield
+        return
+    import llama_cpp.llama as llama_module
+
+    with _model_params_lock:
+        original = llama_module.llama_cpp.llama_model_default_params
+
+        def params():
+            value = original()
+            value.use_extra_bufts = False
+            return value
+
+        llama_module.llama_cpp.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = original
+
+
 def load_llama(base: BaseModel, adapter: Path | None = None, n_ctx: int = 2048, threads: int | None = None, seed: int = 0):
     """Load the base GGUF in llama.cpp with at most one adapter and the model's own chat template."""
     from llama_cpp import Llama
@@ -58,7 +102,7 @@ def load_llama(base: BaseModel, adapter: Path | None = None, n_ctx: int = 2048, 
     if adapter is not None:
         kwargs["lora_path"] = str(adapter)
     try:
-        with _quiet_stderr():
+        with _quiet_stderr(), _without_extra_buffers(cpu_has_amx()):
             llm = Llama(**kwargs)
     except (RuntimeError, ValueError) as exc:
         raise AdapterNotAppliedError(f"llama.cpp rejected {adapter or base.path}: {exc}. Enroll again.") from None

@@ -142,6 +142,7 @@ class ProfileWriter:
         self.name = check_name(name)
         self.target = profile_path(name)
         self.path = self.target.with_name(f".{name}.partial-{os.getpid()}")
+        remove_abandoned(self.target)
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
 
@@ -169,6 +170,30 @@ class ProfileWriter:
 
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def remove_abandoned(target: Path) -> None:
+    """Delete ``.NAME.partial-PID`` and ``.NAME.old-PID`` folders beside ``target`` whose process has ended.
+
+    A process killed mid-enroll (a crash, SIGKILL) cannot clean up its temporary folder; the next
+    enroll of the same name does. Only POSIX can ask whether a process id is alive.
+    """
+    if os.name != "posix" or not target.parent.is_dir():
+        return
+    for path in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = path.name[len(target.name) + 2:].partition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by another user
+    return True
 
 
 def remove_stale_derived(profile: Profile) -> None:
