@@ -92,7 +92,8 @@ for index, path in enumerate(histories):
     t0 = time.perf_counter()
     result = enroll(path, EnrollConfig(profile=f"user{index}"))
     results.append({"timings": result.timings, "seconds": time.perf_counter() - t0,
-                    "size": result.size_bytes, "train_tokens": result.train_tokens})
+                    "size": result.size_bytes, "train_tokens": result.train_tokens,
+                    "train_seconds": result.train_seconds})
 print(json.dumps({"results": results, "total": time.perf_counter() - started,
                   "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
@@ -228,12 +229,15 @@ def main() -> int:
         report = run_enrolls(histories, scratch / "home")
         first = report["results"][0]
         timings = first["timings"]
-        train_speed = first["train_tokens"] / timings["train"]
+        loop_speed = first["train_tokens"] / first["train_seconds"]
+        stage_speed = first["train_tokens"] / timings["train"]
         lines += ["", "## enroll of one 10-item history (LaMP-2 example user, default model and bank)", "",
                   "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in timings.items()]
         lines += [f"| end to end (in process, imports included) | {first['seconds']:.1f} |", "",
-                  f"stack training: {train_speed:.0f} tokens/s = {100 * train_speed / roofline:.0f} % of the roofline",
+                  f"stack training: {loop_speed:.0f} tokens/s = {100 * loop_speed / roofline:.0f} % of the roofline "
+                  f"over the optimizer loop; {stage_speed:.0f} tokens/s = {100 * stage_speed / roofline:.0f} % over the "
+                  "whole train stage (tokenizing and wrapping the model included)",
                   f"peak resident memory of the enroll process: {report['peak_rss_kb'] / 1024:.0f} MB",
                   f"profile on disk: {first['size'] / 1e6:.3f} MB ({first['size'] / 2**20:.3f} MiB); "
                   f"a full rank-8 per-user LoRA (OPPU style, fp16): {full_lora_bytes() / 1e6:.2f} MB",

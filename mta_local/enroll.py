@@ -36,6 +36,7 @@ class EnrollResult:
     anchors: list[AnchorChoice]
     losses: list[float]
     train_tokens: int  # tokens the stacked adapter was trained on (prompt + target, all epochs)
+    train_seconds: float  # the optimizer loop alone; the "train" timing adds tokenizing and wrapping
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -143,7 +144,8 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
         }
         path = _write_profile(enroll_config.profile, history, vector, result.adapter, stack, base, recipe)
     logger.info("profile %s written to %s", enroll_config.profile, path)
-    return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, result.tokens, timings)
+    return EnrollResult(path, history.task.name, the_bank.bank_id, choices, result.losses, result.tokens,
+                        result.seconds, timings)
 
 
 def _write_profile(name, history, vector, stacked, stack, base, recipe) -> Path:

@@ -7,8 +7,10 @@ Three changes make it faster than a plain peft loop without changing what it com
   most of the vocabulary projection, which dominates a 135M model's compute on short targets.
 - An optimizer step's gradient is the sum over its examples, whatever micro-batches they are
   split into, so each step sorts its examples by length before pairing them: less padding.
-- peft's LoRA layers scale the full (tokens x out) LoRA output; ``fast_lora_forward`` scales the
-  (tokens x rank) intermediate instead and adds in place, the same product in fewer operations.
+- Llama-architecture models with a LoRA on all seven block projections (the default) train
+  through ``fused.FusedLlama``: fused q/k/v and gate/up products, hand-written backward passes.
+  Other models keep peft's modules, whose forward ``fast_lora_forward`` replaces: it scales the
+  (tokens x rank) intermediate instead of the (tokens x out) LoRA output and adds in place.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoraConfig
+from .fused import FusedLlama
 from .merge import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,15 @@ def loss_sum_fast(model, batch) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits.float(), labels[positions], reduction="sum"), int(positions.sum())
 
 
+def loss_sum_fused(fused: FusedLlama, batch) -> tuple[torch.Tensor, int]:
+    """``loss_sum_fast`` through the fused Llama forward (right-padded batches only)."""
+    hidden = fused.hidden_states(batch["input_ids"])
+    labels = batch["labels"][:, 1:]
+    positions = labels != IGNORE
+    logits = fused.causal_lm.lm_head(hidden[:, :-1][positions])
+    return F.cross_entropy(logits.float(), labels[positions], reduction="sum"), int(positions.sum())
+
+
 def fast_lora_forward(self, x, *args, **kwargs):
     """Forward of a peft LoRA Linear with one active adapter and no dropout: base(x) + B(s * A(x))."""
     name = self.active_adapters[0]
@@ -163,7 +175,12 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, peft_config)
     peft_model.train()
-    use_fast_lora_forward(peft_model)
+    if FusedLlama.supports(peft_model):
+        fused = FusedLlama(peft_model)
+        loss_sum = lambda batch: loss_sum_fused(fused, batch)  # noqa: E731
+    else:
+        use_fast_lora_forward(peft_model)
+        loss_sum = lambda batch: loss_sum_fast(peft_model, batch)  # noqa: E731
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -186,9 +203,9 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
             n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
             step_loss = 0.0
             for batch in micro_batches:
-                loss_sum, _ = loss_sum_fast(peft_model, batch)
-                (loss_sum / n_targets).backward()
-                step_loss += loss_sum.item() / n_targets
+                summed, _ = loss_sum(batch)
+                (summed / n_targets).backward()
+                step_loss += summed.item() / n_targets
                 tokens += int(batch["attention_mask"].sum())
 
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)

@@ -96,3 +96,41 @@ def test_fast_lora_forward_matches_peft_loss_and_gradients():
     assert torch.allclose(fast_loss, peft_loss, rtol=1e-6)
     for expected, actual in zip(peft_grads, fast_grads):
         assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_llama_matches_peft_loss_and_gradients():
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from mta_local.fused import FusedLlama
+    from mta_local.train import loss_sum_fused
+
+    model = tiny_llama()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.1)
+    batch = collate(BATCH, pad_id=0, device="cpu")
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def loss_and_grads(loss_sum):
+        peft_model.zero_grad()
+        loss, count = loss_sum(batch)
+        loss.backward()
+        return loss.detach(), count, [p.grad.clone() for p in trainable]
+
+    peft_loss, peft_count, peft_grads = loss_and_grads(lambda b: loss_sum_plain(peft_model, b))
+    assert FusedLlama.supports(peft_model)
+    fused = FusedLlama(peft_model)
+    fused_loss, fused_count, fused_grads = loss_and_grads(lambda b: loss_sum_fused(fused, b))
+
+    assert fused_count == peft_count == 5
+    assert torch.allclose(fused_loss, peft_loss, rtol=1e-5)
+    for expected, actual in zip(peft_grads, fused_grads):
+        assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-6)
+    # the plain model still computes the same after its weights became views into the fused ones
+    assert torch.allclose(loss_sum_plain(peft_model, batch)[0], peft_loss, rtol=1e-5)

@@ -1,0 +1,253 @@
+"""A fused training forward for Llama-architecture models with LoRA on all seven block projections.
+
+It computes what transformers' LlamaForCausalLM wrapped by peft computes, in fewer operations:
+
+- the frozen q/k/v weights of a block are one (q+k+v, hidden) matrix and gate/up one
+  (2 x intermediate, hidden) matrix, so each is one matrix product forward and one backward;
+- a LoRA projection (base + scaled low-rank path) is one autograd function whose backward adds the
+  low-rank path into the base's input gradient in place;
+- RMSNorm and SiLU(gate) * up are computed inside the projection that follows them and
+  recomputed in its backward instead of stored; with the rotary embedding, they have
+  hand-written backward passes instead of autograd's chain of elementwise temporaries;
+- attention is causal without a mask: examples are right-padded, so no real token attends to a
+  pad, and pad positions carry no loss.
+
+``FusedLlama.supports`` says when a model qualifies; ``train_lora`` falls back to peft's modules
+otherwise. Tests compare the loss and gradients with peft's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_forward(x, weight, lora_a, lora_b, scaling):
+    """x W^T + s (x A^T) B^T; returns the output and the (tokens x rank) intermediate x A^T."""
+    mid = x @ lora_a.t()
+    out = x @ weight.t()
+    return out.addmm_(mid, lora_b.t(), alpha=scaling), mid
+
+
+def _lora_backward(grad, x, weight, lora_a, lora_b, mid, scaling, need_x=True):
+    """Gradients of ``_lora_forward`` for x (None unless ``need_x``), A and B (W is frozen)."""
+    grad_mid = (grad @ lora_b).mul_(scaling)
+    grad_x = (grad @ weight).addmm_(grad_mid, lora_a) if need_x else None
+    return grad_x, grad_mid.t() @ x, (mid.t() @ grad).t().mul_(scaling)
+
+
+def _rms_norm(x, weight, eps):
+    """transformers' LlamaRMSNorm: w * x / sqrt(mean(x^2) + eps); returns it and 1 / sqrt(...)."""
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x * rstd), rstd
+
+
+def _rms_norm_backward(grad, x, weight, rstd):
+    scaled = grad * weight
+    dot = (scaled * x).mean(-1, keepdim=True)
+    return scaled.mul_(rstd).sub_(x * (dot * rstd.pow(3)))
+
+
+class LoraLinear(torch.autograd.Function):
+    """y = x W^T + s (x A^T) B^T for a frozen W; gradients for x, A and B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling):
+        out, mid = _lora_forward(x, weight, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, mid)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_a, grad_b = _lora_backward(grad, *ctx.saved_tensors, ctx.scaling, ctx.needs_input_grad[0])
+        return grad_x, None, grad_a, grad_b, None
+
+
+class NormLoraLinear(torch.autograd.Function):
+    """LoraLinear of RMSNorm(x); the normalized input is recomputed in backward, not stored."""
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps, weight, lora_a, lora_b, scaling):
+        normed, rstd = _rms_norm(x, norm_weight, eps)
+        out, mid = _lora_forward(normed, weight, lora_a, lora_b, scaling)
+        ctx.save_for_backward(x, norm_weight, rstd, weight, lora_a, lora_b, mid)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, rstd, weight, lora_a, lora_b, mid = ctx.saved_tensors
+        normed = norm_weight * (x * rstd)
+        need_x = ctx.needs_input_grad[0]  # False in the first block: embeddings are frozen
+        grad_normed, grad_a, grad_b = _lora_backward(grad, normed, weight, lora_a, lora_b, mid, ctx.scaling, need_x)
+        grad_x = _rms_norm_backward(grad_normed, x, norm_weight, rstd) if need_x else None
+        return grad_x, None, None, None, grad_a, grad_b, None
+
+
+class SwiGLULoraLinear(torch.autograd.Function):
+    """LoraLinear of silu(gate) * up, gate and up side by side in the input's last dimension.
+
+    The product is recomputed in backward, not stored.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, weight, lora_a, lora_b, scaling):
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, mid = _lora_forward(F.silu(gate) * up, weight, lora_a, lora_b, scaling)
+        ctx.save_for_backward(gate_up, weight, lora_a, lora_b, mid)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, weight, lora_a, lora_b, mid = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        grad_act, grad_a, grad_b = _lora_backward(grad, activated * up, weight, lora_a, lora_b, mid, ctx.scaling)
+        grad_input = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_input.chunk(2, dim=-1)
+        torch.mul(grad_act, activated, out=grad_up)
+        grad_gate.copy_(torch.ops.aten.silu_backward(grad_act.mul_(up), gate))
+        return grad_input, None, grad_a, grad_b, None
+
+
+class Rotary(torch.autograd.Function):
+    """x cos + rotate_half(x) sin, the rotary embedding of transformers' Llama, over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos).add_(rotated.mul_(sin))
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        by_sin = grad * sin
+        # the transpose of rotate_half maps (a, b) to (b, -a)
+        return (grad * cos).add_(torch.cat((by_sin[..., half:], -by_sin[..., :half]), dim=-1)), None, None
+
+
+class FusedLlama:
+    """Training forward of a peft-wrapped Llama model; the peft LoRA parameters are the ones trained."""
+
+    def __init__(self, peft_model):
+        from peft.tuners.lora import Linear as PeftLoraLinear
+
+        self.causal_lm = peft_model.get_base_model()
+        config = self.causal_lm.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.blocks = []
+        for layer in self.causal_lm.model.layers:
+            modules = {name: getattr(layer.self_attn, name, None) or getattr(layer.mlp, name) for name in PROJECTIONS}
+            if not all(isinstance(module, PeftLoraLinear) for module in modules.values()):
+                raise ValueError("every block projection needs a LoRA")
+            self.blocks.append({
+                "input_norm": layer.input_layernorm,
+                "post_norm": layer.post_attention_layernorm,
+                "qkv": _fused_weight([modules[name] for name in ("q_proj", "k_proj", "v_proj")]),
+                "o": modules["o_proj"],
+                "gate_up": _fused_weight([modules[name] for name in ("gate_proj", "up_proj")]),
+                "down": modules["down_proj"],
+                "lora": {name: _lora(module) for name, module in modules.items()},
+            })
+
+    @staticmethod
+    def supports(peft_model) -> bool:
+        """True for a transformers Llama model whose seven block projections carry one plain LoRA each."""
+        from peft.tuners.lora import Linear as PeftLoraLinear
+
+        model = peft_model.get_base_model()
+        config = model.config
+        plain_llama = (config.model_type == "llama" and not getattr(config, "attention_bias", False)
+                       and not getattr(config, "mlp_bias", False) and config.hidden_act == "silu"
+                       and getattr(config, "pretraining_tp", 1) == 1
+                       and (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default") == "default")
+        if not plain_llama:
+            return False
+        for layer in model.model.layers:
+            for name in PROJECTIONS:
+                module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name, None)
+                if not isinstance(module, PeftLoraLinear) or len(module.active_adapters) != 1:
+                    return False
+                adapter = module.active_adapters[0]
+                if (module.use_dora.get(adapter) or not isinstance(module.lora_dropout[adapter], torch.nn.Identity)
+                        or module.base_layer.bias is not None
+                        or module.lora_A[adapter].weight.dtype != module.base_layer.weight.dtype):
+                    return False
+        return True
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states, shape (batch, length, hidden), of right-padded ``input_ids``."""
+        model = self.causal_lm.model
+        batch, length = input_ids.shape
+        hidden = model.embed_tokens(input_ids)
+        positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        cos, sin = model.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: (1, 1, length, head_dim)
+        hidden = hidden.reshape(batch * length, -1)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for block in self.blocks:
+            lora = block["lora"]
+            qkv = _project(hidden, block["qkv"], [lora["q_proj"], lora["k_proj"], lora["v_proj"]], block["input_norm"])
+            q, k, v = qkv.view(batch, length, -1).split((q_size, kv_size, kv_size), dim=-1)
+            q = Rotary.apply(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = Rotary.apply(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            # a copy of v lets the (tokens x q+k+v) product go once q and k are rotated
+            v = v.contiguous().view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+            attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+            attention = attention.transpose(1, 2).reshape(batch * length, q_size)
+            hidden = hidden + _project(attention, block["o"].base_layer.weight, [lora["o_proj"]])
+            gate_up = _project(hidden, block["gate_up"], [lora["gate_proj"], lora["up_proj"]], block["post_norm"])
+            hidden = hidden + _project(gate_up, block["down"].base_layer.weight, [lora["down_proj"]], "swiglu")
+        return model.norm(hidden).view(batch, length, -1)
+
+
+def _lora(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter, float]:
+    name = module.active_adapters[0]
+    return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
+
+
+def _fused_weight(modules) -> torch.Tensor:
+    """Concatenate the frozen weights of ``modules`` along the output dimension.
+
+    Each module's weight is then replaced by its rows of the fused matrix (a view), so the fused
+    matrix costs no extra memory.
+    """
+    weights = [module.base_layer.weight for module in modules]
+    fused = torch.cat([weight.detach() for weight in weights], dim=0)
+    start = 0
+    for weight in weights:
+        weight.data = fused[start : start + weight.shape[0]]
+        start += weight.shape[0]
+    return fused
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor, loras, before=None) -> torch.Tensor:
+    """x through the frozen ``weight`` plus the LoRAs of its row blocks (one LoRA per block).
+
+    ``before`` applies first: an RMSNorm module, "swiglu", or nothing.
+    """
+    scalings = {scaling for _, _, scaling in loras}
+    if len(loras) == 1:
+        lora_a, lora_b, scaling = loras[0]
+    elif len(scalings) == 1:
+        lora_a = torch.cat([a for a, _, _ in loras], dim=0)
+        lora_b = torch.block_diag(*[b for _, b, _ in loras])
+        scaling = scalings.pop()
+    else:
+        lora_a = torch.cat([a for a, _, _ in loras], dim=0)
+        lora_b = torch.block_diag(*[b * scaling for _, b, scaling in loras])
+        scaling = 1.0
+    if before is None:
+        return LoraLinear.apply(x, weight, lora_a, lora_b, scaling)
+    if before == "swiglu":
+        return SwiGLULoraLinear.apply(x, weight, lora_a, lora_b, scaling)
+    return NormLoraLinear.apply(x, before.weight, before.variance_epsilon, weight, lora_a, lora_b, scaling)
