@@ -146,7 +146,7 @@ class FusedLlama:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.blocks = []
         for layer in self.causal_lm.model.layers:
-            modules = {name: getattr(layer.self_attn, name, None) or getattr(layer.mlp, name) for name in PROJECTIONS}
+            modules = {name: _projection(layer, name) for name in PROJECTIONS}
             if not all(isinstance(module, PeftLoraLinear) for module in modules.values()):
                 raise ValueError("every block projection needs a LoRA")
             self.blocks.append({
@@ -166,15 +166,15 @@ class FusedLlama:
 
         model = peft_model.get_base_model()
         config = model.config
+        # the rotary tables come from the model's own rotary module, so any rope scaling is covered
         plain_llama = (config.model_type == "llama" and not getattr(config, "attention_bias", False)
                        and not getattr(config, "mlp_bias", False) and config.hidden_act == "silu"
-                       and getattr(config, "pretraining_tp", 1) == 1
-                       and (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default") == "default")
+                       and getattr(config, "pretraining_tp", 1) == 1 and not getattr(config, "attention_dropout", 0.0))
         if not plain_llama:
             return False
         for layer in model.model.layers:
             for name in PROJECTIONS:
-                module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name, None)
+                module = _projection(layer, name)
                 if not isinstance(module, PeftLoraLinear) or len(module.active_adapters) != 1:
                     return False
                 adapter = module.active_adapters[0]
@@ -210,6 +210,10 @@ class FusedLlama:
         return model.norm(hidden).view(batch, length, -1)
 
 
+def _projection(layer, name: str):
+    return getattr(layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, name, None)
+
+
 def _lora(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter, float]:
     name = module.active_adapters[0]
     return module.lora_A[name].weight, module.lora_B[name].weight, float(module.scaling[name])
@@ -218,8 +222,8 @@ def _lora(module) -> tuple[torch.nn.Parameter, torch.nn.Parameter, float]:
 def _fused_weight(modules) -> torch.Tensor:
     """Concatenate the frozen weights of ``modules`` along the output dimension.
 
-    Each module's weight is then replaced by its rows of the fused matrix (a view), so the fused
-    matrix costs no extra memory.
+    Each module's weight then becomes a view of its rows, so the model and the fused matrix share
+    one copy.
     """
     weights = [module.base_layer.weight for module in modules]
     fused = torch.cat([weight.detach() for weight in weights], dim=0)
