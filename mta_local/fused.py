@@ -6,9 +6,10 @@ It computes what transformers' LlamaForCausalLM wrapped by peft computes, in few
   (2 x intermediate, hidden) matrix, so each is one matrix product forward and one backward;
 - a LoRA projection (base + scaled low-rank path) is one autograd function whose backward adds the
   low-rank path into the base's input gradient in place;
-- RMSNorm and SiLU(gate) * up are computed inside the projection that follows them and
-  recomputed in its backward instead of stored; with the rotary embedding, they have
-  hand-written backward passes instead of autograd's chain of elementwise temporaries;
+- RMSNorm and SiLU(gate) * up are computed inside the projection that follows them, and the
+  projection's backward recomputes them instead of storing them;
+- these two and the rotary embedding have hand-written backward passes, so autograd's chain of
+  elementwise temporaries is not built;
 - attention is causal without a mask: examples are right-padded, so no real token attends to a
   pad, and pad positions carry no loss.
 
@@ -25,33 +26,34 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def _lora_forward(x, weight, lora_a, lora_b, scaling):
-    """x W^T + s (x A^T) B^T; returns the output and the (tokens x rank) intermediate x A^T."""
+    """Compute x W^T + s (x A^T) B^T and return it with the (tokens x rank) intermediate x A^T."""
     mid = x @ lora_a.t()
     out = x @ weight.t()
     return out.addmm_(mid, lora_b.t(), alpha=scaling), mid
 
 
 def _lora_backward(grad, x, weight, lora_a, lora_b, mid, scaling, need_x=True):
-    """Gradients of ``_lora_forward`` for x (None unless ``need_x``), A and B (W is frozen)."""
+    """Return the gradients of ``_lora_forward`` for x (None unless ``need_x``), A and B; W is frozen."""
     grad_mid = (grad @ lora_b).mul_(scaling)
     grad_x = (grad @ weight).addmm_(grad_mid, lora_a) if need_x else None
     return grad_x, grad_mid.t() @ x, (mid.t() @ grad).t().mul_(scaling)
 
 
 def _rms_norm(x, weight, eps):
-    """transformers' LlamaRMSNorm: w * x / sqrt(mean(x^2) + eps); returns it and 1 / sqrt(...)."""
+    """Apply transformers' LlamaRMSNorm, w * x / sqrt(mean(x^2) + eps), and return it with 1 / sqrt(...)."""
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (x * rstd), rstd
 
 
 def _rms_norm_backward(grad, x, weight, rstd):
+    """Return the gradient of ``_rms_norm`` for x; the norm weight is frozen."""
     scaled = grad * weight
     dot = (scaled * x).mean(-1, keepdim=True)
     return scaled.mul_(rstd).sub_(x * (dot * rstd.pow(3)))
 
 
 class LoraLinear(torch.autograd.Function):
-    """y = x W^T + s (x A^T) B^T for a frozen W; gradients for x, A and B."""
+    """LoRA projection y = x W^T + s (x A^T) B^T with a frozen W, trained through A and B."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scaling):
@@ -67,7 +69,7 @@ class LoraLinear(torch.autograd.Function):
 
 
 class NormLoraLinear(torch.autograd.Function):
-    """LoraLinear of RMSNorm(x); the normalized input is recomputed in backward, not stored."""
+    """LoraLinear of RMSNorm(x). Backward recomputes the normalized input instead of storing it."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, eps, weight, lora_a, lora_b, scaling):
@@ -81,16 +83,16 @@ class NormLoraLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_weight, rstd, weight, lora_a, lora_b, mid = ctx.saved_tensors
         normed = norm_weight * (x * rstd)
-        need_x = ctx.needs_input_grad[0]  # False in the first block: embeddings are frozen
+        need_x = ctx.needs_input_grad[0]  # False in the first block because the embeddings are frozen
         grad_normed, grad_a, grad_b = _lora_backward(grad, normed, weight, lora_a, lora_b, mid, ctx.scaling, need_x)
         grad_x = _rms_norm_backward(grad_normed, x, norm_weight, rstd) if need_x else None
         return grad_x, None, None, None, grad_a, grad_b, None
 
 
 class SwiGLULoraLinear(torch.autograd.Function):
-    """LoraLinear of silu(gate) * up, gate and up side by side in the input's last dimension.
+    """LoraLinear of silu(gate) * up, with gate and up side by side in the input's last dimension.
 
-    The product is recomputed in backward, not stored.
+    Backward recomputes the product instead of storing it.
     """
 
     @staticmethod
@@ -115,7 +117,7 @@ class SwiGLULoraLinear(torch.autograd.Function):
 
 
 class Rotary(torch.autograd.Function):
-    """x cos + rotate_half(x) sin, the rotary embedding of transformers' Llama, over the last dimension."""
+    """Rotary embedding of transformers' Llama over the last dimension: x cos + rotate_half(x) sin."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -134,7 +136,7 @@ class Rotary(torch.autograd.Function):
 
 
 class FusedLlama:
-    """Training forward of a peft-wrapped Llama model; the peft LoRA parameters are the ones trained."""
+    """Training forward of a peft-wrapped Llama model, which trains the peft LoRA parameters themselves."""
 
     def __init__(self, peft_model):
         from peft.tuners.lora import Linear as PeftLoraLinear
@@ -148,7 +150,8 @@ class FusedLlama:
         for layer in self.causal_lm.model.layers:
             modules = {name: _projection(layer, name) for name in PROJECTIONS}
             if not all(isinstance(module, PeftLoraLinear) for module in modules.values()):
-                raise ValueError("every block projection needs a LoRA")
+                raise ValueError("invalid model for the fused forward: a block projection has no LoRA; "
+                                 "check FusedLlama.supports first.")
             self.blocks.append({
                 "input_norm": layer.input_layernorm,
                 "post_norm": layer.post_attention_layernorm,
@@ -161,7 +164,7 @@ class FusedLlama:
 
     @staticmethod
     def supports(peft_model) -> bool:
-        """True for a transformers Llama model whose seven block projections carry one plain LoRA each."""
+        """Return True for a transformers Llama model whose seven block projections carry one plain LoRA each."""
         from peft.tuners.lora import Linear as PeftLoraLinear
 
         model = peft_model.get_base_model()
@@ -185,7 +188,7 @@ class FusedLlama:
         return True
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states, shape (batch, length, hidden), of right-padded ``input_ids``."""
+        """Return the final-norm hidden states, shape (batch, length, hidden), of right-padded ``input_ids``."""
         model = self.causal_lm.model
         batch, length = input_ids.shape
         hidden = model.embed_tokens(input_ids)
@@ -200,7 +203,7 @@ class FusedLlama:
             q, k, v = qkv.view(batch, length, -1).split((q_size, kv_size, kv_size), dim=-1)
             q = Rotary.apply(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
             k = Rotary.apply(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            # a copy of v lets the (tokens x q+k+v) product go once q and k are rotated
+            # v is copied so that the (tokens x q+k+v) product is freed once q and k are rotated
             v = v.contiguous().view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
             attention = attention.transpose(1, 2).reshape(batch * length, q_size)
@@ -235,7 +238,7 @@ def _fused_weight(modules) -> torch.Tensor:
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor, loras, before=None) -> torch.Tensor:
-    """x through the frozen ``weight`` plus the LoRAs of its row blocks (one LoRA per block).
+    """Project x through the frozen ``weight`` plus the LoRAs of its row blocks (one LoRA per block).
 
     ``before`` applies first: an RMSNorm module, "swiglu", or nothing.
     """
