@@ -244,9 +244,12 @@ def main() -> int:
                   f"derived files outside the profile (rebuilt when missing): runtime GGUF adapter "
                   f"{derived_bytes(scratch / 'home', 'adapter-') / 1e6:.2f} MB"]
         if args.users > 1:
-            lines += ["", f"## {args.users} users in one process", "", "| user | seconds | profile MB |", "|---|---|---|"]
-            lines += [f"| {i + 1} | {r['seconds']:.1f} | {r['size'] / 1e6:.3f} |"
-                      for i, r in enumerate(report["results"])]
+            lines += ["", f"## {args.users} users in one process", "",
+                      "| user | seconds | training tokens/s | of the roofline | profile MB |", "|---|---|---|---|---|"]
+            for i, r in enumerate(report["results"]):
+                speed = r["train_tokens"] / r["train_seconds"]
+                lines.append(f"| {i + 1} | {r['seconds']:.1f} | {speed:.0f} | {100 * speed / roofline:.0f} % "
+                             f"| {r['size'] / 1e6:.3f} |")
             lines += [f"total {report['total']:.0f} s; storage {sum(r['size'] for r in report['results']) / 1e6:.1f} MB; "
                       "the bank is shared and stored once"]
         if not args.skip_serving:
