@@ -112,7 +112,7 @@ class SwiGLULoraLinear(torch.autograd.Function):
         grad_input = torch.empty_like(gate_up)
         grad_gate, grad_up = grad_input.chunk(2, dim=-1)
         torch.mul(grad_act, activated, out=grad_up)
-        grad_gate.copy_(torch.ops.aten.silu_backward(grad_act.mul_(up), gate))
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
         return grad_input, None, grad_a, grad_b, None
 
 
