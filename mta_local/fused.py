@@ -168,6 +168,8 @@ class FusedLlama:
         from peft.tuners.lora import Linear as PeftLoraLinear
 
         model = peft_model.get_base_model()
+        if next(model.parameters()).device.type not in ("cpu", "cuda"):
+            return False  # NOTE: other devices (MPS) keep peft's forward because the fused one was never run there
         config = model.config
         # the rotary tables come from the model's own rotary module, so any rope scaling is covered
         plain_llama = (config.model_type == "llama" and not getattr(config, "attention_bias", False)
