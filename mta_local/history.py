@@ -61,29 +61,35 @@ def parse_history(data, source: str = "history", task: str | None = None) -> His
 
     for index, item in enumerate(data):
         if not isinstance(item, dict):
-            raise HistoryError(f"{source}: item {index} is {type(item).__name__}, expected a JSON object.")
+            raise HistoryError(f"{source}: {item_label(index, len(data))} is {type(item).__name__}, "
+                               "expected a JSON object.")
 
     if task is None:
         task = detect_task(data[0])
         if task is None:
             raise HistoryError(
-                f"{source}: item 0 has fields {sorted(data[0])}, which match no task. Expected one of: "
+                f"{source}: {item_label(0, len(data))} has fields {sorted(data[0])}, which match no task. Expected one of: "
                 + "; ".join(f"{name} {{{', '.join(sorted(fields))}}}" for name, fields in DETECTION_ORDER)
                 + ". Rename the fields or pass --task."
             )
     elif task not in TASKS:
         raise HistoryError(f"unknown task {task!r}. Choose one of: {', '.join(TASKS)}.")
 
-    items = [_check_item(item, index, task, source) for index, item in enumerate(data)]
+    items = [_check_item(item, item_label(index, len(data)), task, source) for index, item in enumerate(data)]
     return History(task=TASKS[task], items=items, source=source)
 
 
-def _check_item(item: dict, index: int, task: str, source: str) -> dict:
+def item_label(index: int, total: int) -> str:
+    """Name a history item for messages, counting from 1 as a person reading the file does."""
+    return f"item {index + 1} of {total}"
+
+
+def _check_item(item: dict, label: str, task: str, source: str) -> dict:
     required = sorted(_FIELDS[task])
     for name in required:
         if name not in item:
             raise HistoryError(
-                f"{source}: item {index}: missing field {name!r} ({task} items need {required}). "
+                f"{source}: {label}: missing field {name!r} ({task} items need {required}). "
                 "Add the field or pass --task for another task."
             )
         value = item[name]
@@ -91,7 +97,7 @@ def _check_item(item: dict, index: int, task: str, source: str) -> dict:
             continue
         if not isinstance(value, str) or not value.strip():
             raise HistoryError(
-                f"{source}: item {index}: field {name!r} must be a non-empty string, got {value!r}."
+                f"{source}: {label}: field {name!r} must be a non-empty string, got {value!r}."
             )
     if task == "product_rating":
         score = item["score"]
@@ -101,7 +107,7 @@ def _check_item(item: dict, index: int, task: str, source: str) -> dict:
             number = None
         if isinstance(score, bool) or number is None or number not in (1, 2, 3, 4, 5):
             raise HistoryError(
-                f"{source}: item {index}: field 'score' must be a whole rating from 1 to 5, got {score!r}."
+                f"{source}: {label}: field 'score' must be a whole rating from 1 to 5, got {score!r}."
             )
     return item
 

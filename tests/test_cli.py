@@ -32,7 +32,7 @@ def test_help_shows_examples(command):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('[{"description": "x", "tag": "comedy"}, {"description": "y"}]', "item 1: missing field 'tag'"),
+        ('[{"description": "x", "tag": "comedy"}, {"description": "y"}]', "item 2 of 2: missing field 'tag'"),
         ("not json", "invalid JSON at line 1 column 1"),
     ],
 )

@@ -41,12 +41,12 @@ def test_lamp_user_object_accepted():
         ("{not json", "invalid JSON at line 1 column 2"),
         ('{"a": 1}', "expected a JSON list of history items"),
         ("[]", "the history is empty"),
-        ('[{"description": "x", "tag": "comedy"}, 3]', "item 1 is int, expected a JSON object"),
-        ('[{"description": "x", "tag": "comedy"}, {"description": "y"}]', "item 1: missing field 'tag'"),
-        ('[{"text": "x", "score": 7}]', "item 0: field 'score' must be a whole rating from 1 to 5, got 7"),
-        ('[{"text": "x", "score": "good"}]', "item 0: field 'score' must be a whole rating"),
-        ('[{"description": "", "tag": "comedy"}]', "item 0: field 'description' must be a non-empty string"),
-        ('[{"name": "x"}]', "item 0 has fields ['name'], which match no task"),
+        ('[{"description": "x", "tag": "comedy"}, 3]', "item 2 of 2 is int, expected a JSON object"),
+        ('[{"description": "x", "tag": "comedy"}, {"description": "y"}]', "item 2 of 2: missing field 'tag'"),
+        ('[{"text": "x", "score": 7}]', "item 1 of 1: field 'score' must be a whole rating from 1 to 5, got 7"),
+        ('[{"text": "x", "score": "good"}]', "item 1 of 1: field 'score' must be a whole rating"),
+        ('[{"description": "", "tag": "comedy"}]', "item 1 of 1: field 'description' must be a non-empty string"),
+        ('[{"name": "x"}]', "item 1 of 1 has fields ['name'], which match no task"),
     ],
 )
 def test_bad_history_file_names_item(tmp_path, content, message):
