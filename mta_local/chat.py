@@ -49,7 +49,7 @@ def _quiet_stderr():
 
 @lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """True when the CPU reports Intel AMX (Linux /proc/cpuinfo flags)."""
+    """Return True when the CPU reports Intel AMX in the flags of Linux's /proc/cpuinfo."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -64,9 +64,9 @@ _model_params_lock = threading.Lock()
 def _without_extra_buffers(enabled: bool):
     """Load llama.cpp weights without its extra buffer types (AMX and repacked layouts) when ``enabled``.
 
-    llama-cpp-python 0.3.36 built with ``-march=native`` on an AMX CPU (Intel Sapphire Rapids)
-    places the Q4_1 weights of the default model in ggml's AMX buffer, and the first matrix product there ends the
-    process with a segmentation fault. ``Llama()`` has no argument for the model parameter
+    llama-cpp-python 0.3.36 built from source on an AMX CPU places the Q4_1 weights of the default
+    model in ggml's AMX buffer, and the first matrix product there ends the process with a
+    segmentation fault (seen on a 2-core virtual machine). ``Llama()`` has no argument for the model parameter
     ``use_extra_bufts``, so its default is replaced while the model loads.
     """
     if not enabled:

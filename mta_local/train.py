@@ -8,8 +8,9 @@ Three changes make it faster than a plain peft loop without changing what it com
 - An optimizer step's gradient is the sum over its examples, whatever micro-batches they are
   split into, so each step sorts its examples by length before pairing them: less padding.
 - Llama-architecture models with a LoRA on all seven block projections (the default) train
-  through ``fused.FusedLlama``: fused q/k/v and gate/up products, hand-written backward passes.
-  Other models keep peft's modules, whose forward ``fast_lora_forward`` replaces: it scales the
+  through ``fused.FusedLlama``, with fused q/k/v and gate/up products and hand-written backward
+  passes.
+- Other models keep peft's modules with ``fast_lora_forward`` as their forward. It scales the
   (tokens x rank) intermediate instead of the (tokens x out) LoRA output and adds in place.
 """
 
@@ -109,7 +110,7 @@ def loss_sum_fast(model, batch) -> tuple[torch.Tensor, int]:
 
 
 def loss_sum_fused(fused: FusedLlama, batch) -> tuple[torch.Tensor, int]:
-    """``loss_sum_fast`` through the fused Llama forward (right-padded batches only)."""
+    """Return what ``loss_sum_fast`` returns, computed by the fused Llama forward (right-padded batches only)."""
     hidden = fused.hidden_states(batch["input_ids"])
     labels = batch["labels"][:, 1:]
     positions = labels != IGNORE

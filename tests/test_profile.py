@@ -10,7 +10,7 @@ from mta_local.profile import remove_abandoned
 
 
 @pytest.mark.skipif(os.name != "posix", reason="process ids are checked on POSIX only")
-def test_remove_abandoned_keeps_live_and_other_names(tmp_path):
+def test_remove_abandoned_keeps_live_folders(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
     target = tmp_path / "alice"

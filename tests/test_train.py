@@ -98,7 +98,7 @@ def test_fast_lora_forward_matches_peft_loss_and_gradients():
         assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_fused_llama_matches_peft_loss_and_gradients():
+def test_fused_forward_matches_peft():
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
