@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import config_file, load_cli_defaults, EnrollConfig, LoraConfig, cache_dir, profiles_dir, stack_config, user_dir
+from .config import config_file, load_cli_defaults, EnrollConfig, LoraConfig, cache_dir, derived_dir, profiles_dir, stack_config, user_dir
 from .errors import MtaError
 from .tasks import TASKS
 
@@ -270,7 +270,7 @@ def verify(profile, prompts):
     from .profile import load_profile
     from .verify import VerifyConfig, raise_on_failure, verify_profile
 
-    click.echo("running the fidelity checks (a few minutes on 2 CPU cores)...", err=True)
+    click.echo("running the fidelity checks (about a minute on 2 CPU cores)...", err=True)
     checks = verify_profile(load_profile(profile), VerifyConfig(prompts=prompts))
     for check in checks:
         click.echo(f"{'ok' if check.passed else 'FAILED'}\t{check.name}: {check.summary}")
@@ -298,7 +298,12 @@ def serve(host, port, names, threads):
 
     logging.getLogger("mta_local.serve").setLevel(logging.INFO)  # a server logs its starts, stops and errors
     profiles = [name.strip() for name in names.split(",") if name.strip()] if names else None
-    httpd = make_http_server(ProfileServer(profiles, threads=threads), host, port)
+    server = ProfileServer(profiles, threads=threads)
+    try:
+        httpd = make_http_server(server, host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}. Stop the program that "
+                                   "uses this port, or pass another --port (0 picks a free one).") from None
     bound_host, bound_port = httpd.server_address[:2]
     logger = logging.getLogger("mta_local.serve")
     logger.info("server started on http://%s:%d", bound_host, bound_port)
@@ -586,10 +591,13 @@ def eval_command(data, outputs, task, methods, users, seed, bank, bank_users, ex
 
 @cli.command()
 def profiles():
-    """List enrolled profiles."""
+    """List enrolled profiles: name, task, bank and the anchors with their merge weights."""
     from .profile import list_profiles, load_profile
 
-    for name in list_profiles():
+    names = list_profiles()
+    if names:
+        click.echo("profile\ttask\tbank\tanchor:merge weight, ...")
+    for name in names:
         recipe = load_profile(name).recipe
         anchors = ", ".join(f"{a['id']}:{a['weight']:.3f}" for a in recipe["anchors"])
         click.echo(f"{name}\t{recipe['task']}\t{recipe['bank']['id']}\t{anchors}")
@@ -600,5 +608,6 @@ def paths():
     """Print where mta-local keeps profiles (private) and cached files."""
     click.echo(f"data (profiles, private): {user_dir()}")
     click.echo(f"profiles:                 {profiles_dir()}")
+    click.echo(f"derived (private, rebuilt from profiles): {derived_dir()}")
     click.echo(f"cache (banks, F32 copies): {cache_dir()}")
     click.echo(f"config (option defaults): {config_file()}")

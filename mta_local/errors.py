@@ -29,6 +29,10 @@ class AdapterNotAppliedError(MtaError):
     """llama.cpp rejected the adapter or its output shows the adapter had no effect."""
 
 
+class ExportError(MtaError):
+    """Export folder that cannot be created or written."""
+
+
 class VerificationError(MtaError):
     """An exported adapter failed a fidelity check of ``mta-local verify``."""
 

@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UnsupportedModelError
+from .errors import ExportError, UnsupportedModelError
 from .gguf_adapter import write_adapter
 from .merge import LoraWeights
 from .models import BaseModel, resolve_base_model
@@ -170,6 +170,11 @@ def export_profile(profile: Profile, kind: str, out: Path | None = None, separat
                    model_name: str | None = None) -> ExportResult:
     """Export a profile in one of FORMATS into ``out`` (default: the profile's export/<kind> folder)."""
     out = Path(out) if out is not None else default_out(profile, kind)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the export folder {out}: {exc.strerror}. "
+                          "Pass --out with a folder path you can write to.") from None
     if kind == "gguf":
         return export_gguf(profile, out, separate=separate)
     if kind == "ollama":

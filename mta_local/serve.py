@@ -21,7 +21,7 @@ from .chat import HistoryTurns, load_llama, load_lora, set_loras, verify_applied
 from .derived import ensure_adapter
 from .errors import MtaError, ProfileError
 from .models import BaseModel, resolve_base_model
-from .profile import list_profiles, load_profile
+from .profile import list_profiles, load_profile, profile_path
 from .templates import render_messages
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,9 @@ class ProfileServer:
                  seed: int | None = None):
         """Return a generator of the reply's text pieces; it holds the lock until it finishes or is closed."""
         if name not in self.model_ids:
+            if profile_path(name).is_dir():
+                raise RequestError(f"profile {name!r} is enrolled but not served by this server; available: "
+                                   f"{', '.join(self.model_ids)}. Restart serve with --profiles including it.", 404)
             raise RequestError(f"model {name!r} not found; available: {', '.join(self.model_ids)}.", 404)
         return self._generate(name, self.prompt_messages(name, messages), max_tokens, temperature, seed)
 
@@ -176,10 +179,10 @@ def make_handler(server: ProfileServer):
                 if length > MAX_BODY_BYTES:
                     raise RequestError(f"request body of {length} bytes exceeds {MAX_BODY_BYTES} bytes.", 413)
                 request = parse_request(self.rfile.read(length))
-                logger.info("%s start: model %s, %d messages, stream %s", request_id, request["model"],
-                            len(request["messages"]), request["stream"])
                 pieces = server.complete(request["model"], request["messages"], request["max_tokens"],
                                          request["temperature"], request["seed"])
+                logger.info("%s start: model %s, %d messages, stream %s", request_id, request["model"],
+                            len(request["messages"]), request["stream"])
                 started = time.perf_counter()
                 if request["stream"]:
                     self._stream(request_id, request["model"], pieces)

@@ -139,6 +139,16 @@ def test_export_peft_reproduces_profile(enrolled, in_home, tmp_path):
     assert torch.allclose(actual, expected, atol=2e-3, rtol=0)
 
 
+def test_export_out_under_file(enrolled, in_home, tmp_path):
+    (tmp_path / "afile").write_text("")
+
+    result = invoke("export", "--to", "peft", "--out", str(tmp_path / "afile" / "sub"))
+
+    assert result.exit_code == 1
+    assert "cannot create the export folder" in result.output
+    assert "Pass --out with a folder path you can write to." in result.output
+
+
 def test_export_separate_needs_gguf(enrolled, in_home):
     result = invoke("export", "--to", "peft", "--separate")
 
@@ -244,6 +254,31 @@ def test_serve_unknown_model(server):
 
     assert caught.value.code == 404
     assert "model 'nobody' not found; available: base, default, other" in caught.value.read().decode()
+
+
+def test_serve_names_unserved_profile(enrolled, in_home):
+    from mta_local.serve import ProfileServer, RequestError
+
+    server = ProfileServer(["default"])
+
+    with pytest.raises(RequestError) as caught:
+        server.complete("other", [{"role": "user", "content": "hi"}])
+    assert caught.value.status == 404
+    assert "profile 'other' is enrolled but not served by this server" in str(caught.value)
+
+
+def test_serve_port_in_use(enrolled, in_home):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(cli, ["serve", "--port", str(port), "--profiles", "default"])
+
+    assert result.exit_code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
+    assert "pass another --port" in result.output
 
 
 def rss_bytes() -> int:
