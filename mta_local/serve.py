@@ -87,6 +87,10 @@ class ProfileServer:
             return [dict(m) for m in messages]
         return self.profiles[name].turns.messages(messages)
 
+    def count_tokens(self, text: str) -> int:
+        """Return the number of base-model tokens in ``text`` (chat template markers included)."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
     def prompt_text(self, name: str, messages: list[dict]) -> str:
         return render_messages(self.base, self.prompt_messages(name, messages))
 
@@ -188,7 +192,9 @@ def make_handler(server: ProfileServer):
                     self._stream(request_id, request["model"], pieces)
                 else:
                     text = "".join(pieces)
-                    self._json(200, completion_object(request_id, request["model"], text))
+                    usage = (server.count_tokens(server.prompt_text(request["model"], request["messages"])),
+                             server.count_tokens(text))
+                    self._json(200, completion_object(request_id, request["model"], text, usage))
                 logger.info("%s stop: %.2f s", request_id, time.perf_counter() - started)
             except RequestError as exc:
                 self._error(exc.status, f"{exc}")
@@ -221,9 +227,13 @@ def make_handler(server: ProfileServer):
     return Handler
 
 
-def completion_object(request_id: str, model: str, text: str) -> dict:
+def completion_object(request_id: str, model: str, text: str, usage: tuple[int, int]) -> dict:
+    """Build a chat.completion response; ``usage`` is (prompt tokens, completion tokens)."""
+    prompt_tokens, completion_tokens = usage
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
 def chunk_object(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:

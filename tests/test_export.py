@@ -248,6 +248,17 @@ def test_serve_stream_equals_plain(server):
     assert text == ask(server[1], "default")
 
 
+def test_serve_reports_token_usage(server):
+    status, body = post(server[1], {"model": "default", "messages": [{"role": "user", "content": QUERY}],
+                                    "max_tokens": 8, "temperature": 0})
+    usage = json.loads(body)["usage"]
+
+    assert status == 200
+    assert usage["prompt_tokens"] > 50
+    assert 1 <= usage["completion_tokens"] <= 9
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
 def test_serve_unknown_model(server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         post(server[1], {"model": "nobody", "messages": [{"role": "user", "content": "hi"}]})
