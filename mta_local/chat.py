@@ -66,8 +66,8 @@ def _without_extra_buffers(enabled: bool):
 
     llama-cpp-python 0.3.36 built from source on an AMX CPU places the Q4_1 weights of the default
     model in ggml's AMX buffer, and the first matrix product there ends the process with a
-    segmentation fault (seen on a 2-core virtual machine). ``Llama()`` has no argument for the model parameter
-    ``use_extra_bufts``, so its default is replaced while the model loads.
+    segmentation fault (seen on a 2-core virtual machine). ``Llama()`` has no argument for the
+    model parameter ``use_extra_bufts``, so its default is replaced while the model loads.
     """
     if not enabled:
         yield

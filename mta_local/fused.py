@@ -13,8 +13,8 @@ It computes what transformers' LlamaForCausalLM wrapped by peft computes, in few
 - attention is causal without a mask: examples are right-padded, so no real token attends to a
   pad, and pad positions carry no loss.
 
-``FusedLlama.supports`` says when a model qualifies; ``train_lora`` falls back to peft's modules
-otherwise. Tests compare the loss and gradients with peft's forward.
+``FusedLlama.supports`` checks whether a model qualifies, and ``train_lora`` falls back to peft's
+modules otherwise. Tests compare the loss and gradients with peft's forward.
 """
 
 from __future__ import annotations
@@ -244,14 +244,10 @@ def _project(x: torch.Tensor, weight: torch.Tensor, loras, before=None) -> torch
 
     ``before`` applies first: an RMSNorm module, "swiglu", or nothing.
     """
-    scalings = {scaling for _, _, scaling in loras}
     if len(loras) == 1:
         lora_a, lora_b, scaling = loras[0]
-    elif len(scalings) == 1:
-        lora_a = torch.cat([a for a, _, _ in loras], dim=0)
-        lora_b = torch.block_diag(*[b for _, b, _ in loras])
-        scaling = scalings.pop()
     else:
+        # one low-rank path for all blocks: A stacked, B block-diagonal with each block's scaling in it
         lora_a = torch.cat([a for a, _, _ in loras], dim=0)
         lora_b = torch.block_diag(*[b * scaling for _, b, scaling in loras])
         scaling = 1.0
