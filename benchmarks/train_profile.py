@@ -26,14 +26,15 @@ def micro_batch(tokenizer, base):
     from mta_local.config import stack_config
     from mta_local.enroll import prompt_renderer
     from mta_local.history import read_history, training_examples
-    from mta_local.train import collate, encode_examples
+    from mta_local.fused import pack
+    from mta_local.train import encode_examples
 
     history = read_history(EXAMPLE)
     stack = stack_config(history.task.name)
     encoded = encode_examples(tokenizer, prompt_renderer(base), training_examples(history),
                               base.eos_token, stack.max_tokens)
     longest = sorted(encoded, key=lambda example: len(example.input_ids))[-2:]
-    return collate(longest, tokenizer.pad_token_id or 0, "cpu")
+    return pack(longest, "cpu"), sum(len(example.input_ids) for example in longest)
 
 
 def category(event) -> str:
@@ -64,9 +65,8 @@ def main() -> int:
     peft_model = get_peft_model(model, LoraConfig(r=stack.rank, lora_alpha=stack.alpha, lora_dropout=0.0,
                                                   target_modules=list(stack.target_modules)))
     fused = FusedLlama(peft_model)
-    batch = micro_batch(tokenizer, base)
-    tokens = int(batch["attention_mask"].sum())
-    print(f"micro-batch: {tuple(batch['input_ids'].shape)} ids, {tokens} tokens; torch {torch.__version__}, "
+    batch, tokens = micro_batch(tokenizer, base)
+    print(f"micro-batch: {tokens} tokens in {len(batch.input_ids)} rows; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", "", "| pass | seconds | page faults |", "|---|---|---|", sep="\n")
 
     for index in range(WARMUP):

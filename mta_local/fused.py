@@ -10,14 +10,20 @@ It computes what transformers' LlamaForCausalLM wrapped by peft computes, in few
   projection's backward recomputes them instead of storing them;
 - these two and the rotary embedding have hand-written backward passes, so autograd's chain of
   elementwise temporaries is not built;
-- attention is causal without a mask: examples are right-padded, so no real token attends to a
-  pad, and pad positions carry no loss.
+- a micro-batch is packed (``pack``): its examples' tokens are rows of one matrix, without
+  padding, and the prompt prefix the examples share (the chat header, for instance) is one set of
+  rows that every example attends over. Its causal outputs are the same in every example, so
+  computing them once gives the same loss and gradients;
+- in the last block only the rows that predict a target token go on past attention: the other
+  rows were needed as keys and values, and nothing after the last block reads them.
 
 ``FusedLlama.supports`` checks whether a model qualifies, and ``train_lora`` falls back to peft's
 modules otherwise. Tests compare the loss and gradients with peft's forward.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,22 +123,21 @@ class SwiGLULoraLinear(torch.autograd.Function):
 
 
 class Rotary(torch.autograd.Function):
-    """Rotary embedding of transformers' Llama over the last dimension: x cos + rotate_half(x) sin."""
+    """Rotary embedding of transformers' Llama over the last dimension: x cos + rotate_half(x) sin.
+
+    rotate_half(x) sin equals roll(x, half) * signed_sin, where signed_sin is sin with its first
+    half negated; rolling by half the dimension is its own inverse, which gives the backward.
+    """
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos).add_(rotated.mul_(sin))
+    def forward(ctx, x, cos, signed_sin):
+        ctx.save_for_backward(cos, signed_sin)
+        return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)
 
     @staticmethod
     def backward(ctx, grad):
-        cos, sin = ctx.saved_tensors
-        half = grad.shape[-1] // 2
-        by_sin = grad * sin
-        # the transpose of rotate_half maps (a, b) to (b, -a)
-        return (grad * cos).add_(torch.cat((by_sin[..., half:], -by_sin[..., :half]), dim=-1)), None, None
+        cos, signed_sin = ctx.saved_tensors
+        return (grad * cos).add_((grad * signed_sin).roll(grad.shape[-1] // 2, -1)), None, None
 
 
 class FusedLlama:
@@ -189,30 +194,96 @@ class FusedLlama:
                     return False
         return True
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Return the final-norm hidden states, shape (batch, length, hidden), of right-padded ``input_ids``."""
+    def target_hidden(self, batch: Packed) -> torch.Tensor:
+        """Return the final-norm hidden states at ``batch.target_rows``, shape (targets, hidden)."""
         model = self.causal_lm.model
-        batch, length = input_ids.shape
-        hidden = model.embed_tokens(input_ids)
-        positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
-        cos, sin = model.rotary_emb(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads: (1, 1, length, head_dim)
-        hidden = hidden.reshape(batch * length, -1)
+        rows = batch.input_ids.shape[0]
+        hidden = model.embed_tokens(batch.input_ids)
+        cos, sin = model.rotary_emb(hidden, batch.positions.unsqueeze(0))
+        half = self.head_dim // 2
+        # broadcast over heads: (rows, 1, head_dim)
+        cos, signed_sin = cos[0].unsqueeze(1), torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).unsqueeze(1)
+        heads = self.heads + self.kv_heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
             lora = block["lora"]
             qkv = _project(hidden, block["qkv"], [lora["q_proj"], lora["k_proj"], lora["v_proj"]], block["input_norm"])
-            q, k, v = qkv.view(batch, length, -1).split((q_size, kv_size, kv_size), dim=-1)
-            q = Rotary.apply(q.view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = Rotary.apply(k.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            # v is copied so that the (tokens x q+k+v) product is freed once q and k are rotated
-            v = v.contiguous().view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
-            attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
-            attention = attention.transpose(1, 2).reshape(batch * length, q_size)
+            # q and k rotate as one tensor; v is copied so that the (rows x q+k+v) product can be freed
+            qk = Rotary.apply(qkv[:, : q_size + kv_size].view(rows, heads, self.head_dim), cos, signed_sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            v = qkv[:, q_size + kv_size :].contiguous().view(rows, self.kv_heads, self.head_dim)
+            attention = self._attention(q, k, v, batch).view(rows, q_size)
+            if index == last:
+                # only target rows reach the loss from here on: the other rows were needed as keys and values
+                hidden, attention = hidden[batch.target_rows], attention[batch.target_rows]
             hidden = hidden + _project(attention, block["o"].base_layer.weight, [lora["o_proj"]])
             gate_up = _project(hidden, block["gate_up"], [lora["gate_proj"], lora["up_proj"]], block["post_norm"])
             hidden = hidden + _project(gate_up, block["down"].base_layer.weight, [lora["down_proj"]], "swiglu")
-        return model.norm(hidden).view(batch, length, -1)
+        return model.norm(hidden)
+
+    def _attention(self, q, k, v, batch: Packed) -> torch.Tensor:
+        """Causal attention of each example over its own rows; (rows, heads, head_dim) in, the same out.
+
+        The first example's rows start with the shared prefix. A later example attends over the prefix
+        rows and its own, and its outputs for the prefix rows (equal to the first example's) are dropped.
+        """
+        prefix, outputs = batch.prefix, []
+        for index, (start, end) in enumerate(batch.spans):
+            if index == 0:
+                parts = (q[:end], k[:end], v[:end])
+            else:
+                parts = tuple(torch.cat((tensor[:prefix], tensor[start:end])) for tensor in (q, k, v))
+            out = F.scaled_dot_product_attention(*(part.transpose(0, 1).unsqueeze(0) for part in parts),
+                                                 is_causal=True, enable_gqa=self.kv_heads != self.heads)
+            out = out[0].transpose(0, 1)
+            outputs.append(out if index == 0 else out[prefix:])
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0].contiguous()
+
+
+@dataclass
+class Packed:
+    """A micro-batch for ``FusedLlama``: its examples' tokens as rows, without padding.
+
+    The examples' common prefix is stored once, as the first example's first rows; ``spans`` holds
+    the rows of each example after the prefix.
+    """
+
+    input_ids: torch.Tensor  # (rows,)
+    positions: torch.Tensor  # (rows,) position of each row in its example
+    prefix: int
+    spans: list[tuple[int, int]]
+    target_rows: torch.Tensor  # rows whose hidden state predicts a target token
+    target_ids: torch.Tensor  # the token each of those rows predicts
+
+
+def pack(examples, device) -> Packed:
+    """Pack examples (each with ``input_ids`` and ``target_start``) into one ``Packed`` micro-batch."""
+    first = examples[0].input_ids
+    prefix = min(len(example.input_ids) for example in examples) - 1  # every example keeps a row of its own
+    for example in examples[1:]:
+        prefix = min(prefix, _common_prefix(first, example.input_ids))
+    ids, positions, spans, target_rows, target_ids = list(first[:prefix]), list(range(prefix)), [], [], []
+    for example in examples:
+        start = len(ids)
+        ids += example.input_ids[prefix:]
+        positions += range(prefix, len(example.input_ids))
+        spans.append((start, len(ids)))
+        # the hidden state at position p predicts token p + 1; token 0 is never predicted
+        for position in range(max(example.target_start, 1) - 1, len(example.input_ids) - 1):
+            target_rows.append(position if position < prefix else start + position - prefix)
+            target_ids.append(example.input_ids[position + 1])
+    return Packed(*(torch.tensor(values, device=device) for values in (ids, positions)), prefix, spans,
+                  *(torch.tensor(values, device=device) for values in (target_rows, target_ids)))
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
 
 
 def _projection(layer, name: str):

@@ -8,8 +8,8 @@ These changes make it faster than a plain peft loop without changing what it com
 - An optimizer step's gradient is the sum over its examples, whatever micro-batches they are
   split into, so each step sorts its examples by length before pairing them: less padding.
 - Llama-architecture models with a LoRA on all seven block projections (the default) train
-  through ``fused.FusedLlama``, with fused q/k/v and gate/up products and hand-written backward
-  passes.
+  through ``fused.FusedLlama``: packed micro-batches without padding, the examples' shared
+  prompt prefix computed once, fused q/k/v and gate/up products and hand-written backward passes.
 - Other models keep peft's modules with ``fast_lora_forward`` as their forward. It scales the
   (tokens x rank) intermediate instead of the (tokens x out) LoRA output and adds in place.
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import LoraConfig
-from .fused import FusedLlama
+from .fused import FusedLlama, Packed, pack
 from .merge import LoraWeights
 
 logger = logging.getLogger(__name__)
@@ -104,20 +104,16 @@ def loss_sum_fast(model, batch) -> tuple[torch.Tensor, int]:
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              use_cache=False).last_hidden_state
-    return _target_loss_sum(causal_lm.lm_head, hidden, batch["labels"])
-
-
-def loss_sum_fused(fused: FusedLlama, batch) -> tuple[torch.Tensor, int]:
-    """Return what ``loss_sum_fast`` returns, computed by the fused Llama forward (right-padded batches only)."""
-    return _target_loss_sum(fused.causal_lm.lm_head, fused.hidden_states(batch["input_ids"]), batch["labels"])
-
-
-def _target_loss_sum(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Return the summed loss and count of target tokens, applying ``lm_head`` only where a target follows."""
-    labels = labels[:, 1:]
+    labels = batch["labels"][:, 1:]
     positions = labels != IGNORE
-    logits = lm_head(hidden[:, :-1][positions])
+    logits = causal_lm.lm_head(hidden[:, :-1][positions])
     return F.cross_entropy(logits.float(), labels[positions], reduction="sum"), int(positions.sum())
+
+
+def loss_sum_fused(fused: FusedLlama, batch: Packed) -> tuple[torch.Tensor, int]:
+    """Return what ``loss_sum_fast`` returns for the same examples, computed by the fused Llama forward."""
+    logits = fused.causal_lm.lm_head(fused.target_hidden(batch))
+    return F.cross_entropy(logits.float(), batch.target_ids, reduction="sum"), len(batch.target_ids)
 
 
 def fast_lora_forward(self, x, *args, **kwargs):
@@ -180,9 +176,11 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
     peft_model.train()
     if FusedLlama.supports(peft_model):
         loss_sum = functools.partial(loss_sum_fused, FusedLlama(peft_model))
+        prepare = functools.partial(pack, device=device)
     else:
         use_fast_lora_forward(peft_model)
         loss_sum = functools.partial(loss_sum_fast, peft_model)
+        prepare = functools.partial(collate, pad_id=pad_id, device=device)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -200,15 +198,13 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, config.learning_rate)
 
-            micro_batches = [collate(chunk[i : i + config.batch_size], pad_id, device)
-                             for i in range(0, len(chunk), config.batch_size)]
-            n_targets = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+            n_targets = sum(len(example.input_ids) - max(example.target_start, 1) for example in chunk)
             step_loss = 0.0
-            for batch in micro_batches:
-                summed, _ = loss_sum(batch)
+            for i in range(0, len(chunk), config.batch_size):
+                summed, _ = loss_sum(prepare(chunk[i : i + config.batch_size]))
                 (summed / n_targets).backward()
                 step_loss += summed.item() / n_targets
-                tokens += int(batch["attention_mask"].sum())
+            tokens += sum(len(example.input_ids) for example in chunk)
 
             torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -98,11 +100,17 @@ def test_fast_lora_forward_matches_peft_loss_and_gradients():
         assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_fused_forward_matches_peft():
+# the second and third examples share a prefix with the first; the fourth repeats the first
+PREFIXED = BATCH + [Encoded([5, 6, 7, 20, 21, 22], target_start=3), Encoded([5, 6, 7, 8, 30], target_start=1),
+                    Encoded([5, 6, 7, 8, 9, 10, 11], target_start=4)]
+
+
+@pytest.mark.parametrize("examples", [BATCH, PREFIXED[2:], PREFIXED], ids=["no-prefix", "prefix", "mixed"])
+def test_fused_forward_matches_peft(examples):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    from mta_local.fused import FusedLlama
+    from mta_local.fused import FusedLlama, pack
     from mta_local.train import loss_sum_fused
 
     model = tiny_llama()
@@ -114,23 +122,36 @@ def test_fused_forward_matches_peft():
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.1)
-    batch = collate(BATCH, pad_id=0, device="cpu")
+    padded = collate(examples, pad_id=0, device="cpu")
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
 
-    def loss_and_grads(loss_sum):
+    def loss_and_grads(loss_sum, batch):
         peft_model.zero_grad()
         loss, count = loss_sum(batch)
         loss.backward()
         return loss.detach(), count, [p.grad.clone() for p in trainable]
 
-    peft_loss, peft_count, peft_grads = loss_and_grads(lambda b: loss_sum_plain(peft_model, b))
+    peft_loss, peft_count, peft_grads = loss_and_grads(functools.partial(loss_sum_plain, peft_model), padded)
     assert FusedLlama.supports(peft_model)
     fused = FusedLlama(peft_model)
-    fused_loss, fused_count, fused_grads = loss_and_grads(lambda b: loss_sum_fused(fused, b))
+    fused_loss, fused_count, fused_grads = loss_and_grads(functools.partial(loss_sum_fused, fused), pack(examples, "cpu"))
 
-    assert fused_count == peft_count == 5
+    assert fused_count == peft_count
     assert torch.allclose(fused_loss, peft_loss, rtol=1e-5)
     for expected, actual in zip(peft_grads, fused_grads):
         assert torch.allclose(actual, expected, rtol=1e-4, atol=1e-6)
     # the plain model still computes the same after its weights became views into the fused ones
-    assert torch.allclose(loss_sum_plain(peft_model, batch)[0], peft_loss, rtol=1e-5)
+    assert torch.allclose(loss_sum_plain(peft_model, padded)[0], peft_loss, rtol=1e-5)
+
+
+def test_pack_stores_the_shared_prefix_once():
+    from mta_local.fused import pack
+
+    batch = pack(PREFIXED[2:5], "cpu")
+
+    # common prefix [5, 6, 7]; the first example's rows follow it, then each other example's own rows
+    assert batch.input_ids.tolist() == [5, 6, 7, 20, 21, 22, 8, 30, 8, 9, 10, 11]
+    assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 6]
+    assert (batch.prefix, batch.spans) == (3, [(3, 6), (6, 8), (8, 12)])
+    assert batch.target_ids.tolist() == [20, 21, 22, 6, 7, 8, 30, 9, 10, 11]
+    assert batch.target_rows.tolist() == [2, 3, 4, 0, 1, 2, 6, 8, 9, 10]
