@@ -213,7 +213,7 @@ class FusedLlama:
             qk = Rotary.apply(qkv[:, : q_size + kv_size].view(rows, heads, self.head_dim), cos, signed_sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, q_size + kv_size :].contiguous().view(rows, self.kv_heads, self.head_dim)
-            attention = self._attention(q, k, v, batch).view(rows, q_size)
+            attention = self._attention(q, k, v, batch)
             if index == last:
                 # only target rows reach the loss from here on: the other rows were needed as keys and values
                 hidden, attention = hidden[batch.target_rows], attention[batch.target_rows]
@@ -223,36 +223,32 @@ class FusedLlama:
         return model.norm(hidden)
 
     def _attention(self, q, k, v, batch: Packed) -> torch.Tensor:
-        """Causal attention of each example over its own rows; (rows, heads, head_dim) in, the same out.
+        """Causal attention of each example over its own rows; (rows, heads, head_dim) in, (rows, heads * head_dim) out.
 
-        The first example's rows start with the shared prefix. A later example attends over the prefix
-        rows and its own, and its outputs for the prefix rows (equal to the first example's) are dropped.
+        The rows are gathered into right-padded (examples, longest) tensors, so that one batched
+        call serves all examples: a real position never attends to the pads after it, and the
+        pads' outputs are not gathered back. The shared prefix rows appear in every example, and
+        their outputs are taken from the first one.
         """
-        prefix, outputs = batch.prefix, []
-        for index, (start, end) in enumerate(batch.spans):
-            if index == 0:
-                parts = (q[:end], k[:end], v[:end])
-            else:
-                parts = tuple(torch.cat((tensor[:prefix], tensor[start:end])) for tensor in (q, k, v))
-            out = F.scaled_dot_product_attention(*(part.transpose(0, 1).unsqueeze(0) for part in parts),
-                                                 is_causal=True, enable_gqa=self.kv_heads != self.heads)
-            out = out[0].transpose(0, 1)
-            outputs.append(out if index == 0 else out[prefix:])
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0].contiguous()
+        examples, longest = batch.example_rows.shape
+        rows = batch.example_rows.view(-1)
+        padded = [tensor.index_select(0, rows).view(examples, longest, *tensor.shape[1:]).transpose(1, 2)
+                  for tensor in (q, k, v)]
+        out = F.scaled_dot_product_attention(*padded, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return out.transpose(1, 2).reshape(examples * longest, -1).index_select(0, batch.output_rows)
 
 
 @dataclass
 class Packed:
     """A micro-batch for ``FusedLlama``: its examples' tokens as rows, without padding.
 
-    The examples' common prefix is stored once, as the first example's first rows; ``spans`` holds
-    the rows of each example after the prefix.
+    The examples' common prefix is stored once, as the first example's first rows.
     """
 
     input_ids: torch.Tensor  # (rows,)
     positions: torch.Tensor  # (rows,) position of each row in its example
-    prefix: int
-    spans: list[tuple[int, int]]
+    example_rows: torch.Tensor  # (examples, longest) row of each example position, right-padded with row 0
+    output_rows: torch.Tensor  # (rows,) where each row's attention output is in the flattened (examples, longest)
     target_rows: torch.Tensor  # rows whose hidden state predicts a target token
     target_ids: torch.Tensor  # the token each of those rows predicts
 
@@ -263,18 +259,22 @@ def pack(examples, device) -> Packed:
     prefix = min(len(example.input_ids) for example in examples) - 1  # every example keeps a row of its own
     for example in examples[1:]:
         prefix = min(prefix, _common_prefix(first, example.input_ids))
-    ids, positions, spans, target_rows, target_ids = list(first[:prefix]), list(range(prefix)), [], [], []
-    for example in examples:
+    longest = max(len(example.input_ids) for example in examples)
+    ids, positions, output_rows = list(first[:prefix]), list(range(prefix)), list(range(prefix))
+    example_rows, target_rows, target_ids = [], [], []
+    for index, example in enumerate(examples):
         start = len(ids)
         ids += example.input_ids[prefix:]
         positions += range(prefix, len(example.input_ids))
-        spans.append((start, len(ids)))
+        output_rows += range(index * longest + prefix, index * longest + len(example.input_ids))
+        own = list(range(prefix)) + list(range(start, len(ids)))
+        example_rows.append(own + [0] * (longest - len(own)))
         # the hidden state at position p predicts token p + 1; token 0 is never predicted
         for position in range(max(example.target_start, 1) - 1, len(example.input_ids) - 1):
-            target_rows.append(position if position < prefix else start + position - prefix)
+            target_rows.append(own[position])
             target_ids.append(example.input_ids[position + 1])
-    return Packed(*(torch.tensor(values, device=device) for values in (ids, positions)), prefix, spans,
-                  *(torch.tensor(values, device=device) for values in (target_rows, target_ids)))
+    return Packed(*(torch.tensor(values, device=device)
+                    for values in (ids, positions, example_rows, output_rows, target_rows, target_ids)))
 
 
 def _common_prefix(first: list[int], second: list[int]) -> int:

@@ -152,6 +152,7 @@ def test_pack_stores_the_shared_prefix_once():
     # common prefix [5, 6, 7]; the first example's rows follow it, then each other example's own rows
     assert batch.input_ids.tolist() == [5, 6, 7, 20, 21, 22, 8, 30, 8, 9, 10, 11]
     assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 6]
-    assert (batch.prefix, batch.spans) == (3, [(3, 6), (6, 8), (8, 12)])
+    assert batch.example_rows.tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 6, 7, 0, 0], [0, 1, 2, 8, 9, 10, 11]]
+    assert batch.output_rows.tolist() == [0, 1, 2, 3, 4, 5, 10, 11, 17, 18, 19, 20]
     assert batch.target_ids.tolist() == [20, 21, 22, 6, 7, 8, 30, 9, 10, 11]
     assert batch.target_rows.tolist() == [2, 3, 4, 0, 1, 2, 6, 8, 9, 10]
