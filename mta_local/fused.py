@@ -126,7 +126,7 @@ class Rotary(torch.autograd.Function):
     """Rotary embedding of transformers' Llama over the last dimension: x cos + rotate_half(x) sin.
 
     rotate_half(x) sin equals roll(x, half) * signed_sin, where signed_sin is sin with its first
-    half negated; rolling by half the dimension is its own inverse, which gives the backward.
+    half negated. Rolling by half the dimension is its own inverse, so backward rolls back.
     """
 
     @staticmethod
@@ -223,7 +223,7 @@ class FusedLlama:
         return model.norm(hidden)
 
     def _attention(self, q, k, v, batch: Packed) -> torch.Tensor:
-        """Causal attention of each example over its own rows; (rows, heads, head_dim) in, (rows, heads * head_dim) out.
+        """Return causal attention of each example over its own rows, shape (rows, heads * head_dim).
 
         The rows are gathered into right-padded (examples, longest) tensors, so that one batched
         call serves all examples: a real position never attends to the pads after it, and the

@@ -100,7 +100,7 @@ def test_fast_lora_forward_matches_peft_loss_and_gradients():
         assert torch.allclose(actual, expected, rtol=1e-5, atol=1e-7)
 
 
-# the second and third examples share a prefix with the first; the fourth repeats the first
+# the three added examples start with the first one's tokens, and the last repeats it whole
 PREFIXED = BATCH + [Encoded([5, 6, 7, 20, 21, 22], target_start=3), Encoded([5, 6, 7, 8, 30], target_start=1),
                     Encoded([5, 6, 7, 8, 9, 10, 11], target_start=4)]
 
