@@ -203,19 +203,19 @@ class FusedLlama:
         half = self.head_dim // 2
         # broadcast over heads: (rows, 1, head_dim)
         cos, signed_sin = cos[0].unsqueeze(1), torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).unsqueeze(1)
-        heads = self.heads + self.kv_heads
+        qk_heads = self.heads + self.kv_heads
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             lora = block["lora"]
             qkv = _project(hidden, block["qkv"], [lora["q_proj"], lora["k_proj"], lora["v_proj"]], block["input_norm"])
-            # q and k rotate as one tensor; v is copied so that the (rows x q+k+v) product can be freed
-            qk = Rotary.apply(qkv[:, : q_size + kv_size].view(rows, heads, self.head_dim), cos, signed_sin)
+            # q and k rotate as one tensor. v is copied so that the (rows x q+k+v) product can be freed.
+            qk = Rotary.apply(qkv[:, : q_size + kv_size].view(rows, qk_heads, self.head_dim), cos, signed_sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, q_size + kv_size :].contiguous().view(rows, self.kv_heads, self.head_dim)
             attention = self._attention(q, k, v, batch)
             if index == last:
-                # only target rows reach the loss from here on: the other rows were needed as keys and values
+                # only target rows reach the loss from here on, because the other rows served as keys and values
                 hidden, attention = hidden[batch.target_rows], attention[batch.target_rows]
             hidden = hidden + _project(attention, block["o"].base_layer.weight, [lora["o_proj"]])
             gate_up = _project(hidden, block["gate_up"], [lora["gate_proj"], lora["up_proj"]], block["post_norm"])

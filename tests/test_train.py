@@ -149,7 +149,7 @@ def test_pack_stores_the_shared_prefix_once():
 
     batch = pack(PREFIXED[2:5], "cpu")
 
-    # common prefix [5, 6, 7]; the first example's rows follow it, then each other example's own rows
+    # the common prefix is [5, 6, 7]. The first example's rows follow it, then each other example's own rows.
     assert batch.input_ids.tolist() == [5, 6, 7, 20, 21, 22, 8, 30, 8, 9, 10, 11]
     assert batch.positions.tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 5, 6]
     assert batch.example_rows.tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 6, 7, 0, 0], [0, 1, 2, 8, 9, 10, 11]]
