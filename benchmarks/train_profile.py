@@ -3,8 +3,9 @@
     python benchmarks/train_profile.py
 
 The script updates no weights. It runs forward and backward passes of the default model with a
-fresh rank-4 LoRA on the two longest training examples of the example LaMP-2 history. It prints
-the time and page faults of the first passes, then a torch.profiler breakdown of one more pass.
+fresh rank-4 LoRA on one packed micro-batch: the longest training examples of the example LaMP-2
+history that fit in one. It prints the time and page faults of the first passes, then a
+torch.profiler breakdown of one more pass.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ PROFILED = 2
 
 
 def micro_batch(tokenizer, base):
-    from mta_local.config import stack_config
+    from mta_local.config import PACKED_ROWS, stack_config
     from mta_local.enroll import prompt_renderer
     from mta_local.history import read_history, training_examples
     from mta_local.fused import pack
-    from mta_local.train import encode_examples
+    from mta_local.train import encode_examples, pack_rows
 
     history = read_history(EXAMPLE)
     stack = stack_config(history.task.name)
     encoded = encode_examples(tokenizer, prompt_renderer(base), training_examples(history),
                               base.eos_token, stack.max_tokens)
-    longest = sorted(encoded, key=lambda example: len(example.input_ids))[-2:]
+    # the longest examples that share one micro-batch, as training packs them
+    longest = pack_rows(sorted(encoded, key=lambda example: -len(example.input_ids)), PACKED_ROWS)[0]
     return pack(longest, "cpu"), sum(len(example.input_ids) for example in longest)
 
 

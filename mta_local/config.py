@@ -118,6 +118,12 @@ class LoraConfig:
         return data
 
 
+# Tokens per packed micro-batch of the fused training forward (``train.pack_rows``). An optimizer
+# step's examples are split into micro-batches, which only changes how long they take and how
+# much memory they hold: its gradient is the sum over its examples either way.
+PACKED_ROWS = 1024
+
+
 # Final-stage (stacked adapter) schedules per task: rank 4, batch 2 x grad-accum 4, and the
 # epochs and learning rates of the MTA paper's Table 4. The generic task uses the LaMP-2 values.
 STACK_SCHEDULES = {

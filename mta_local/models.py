@@ -186,6 +186,12 @@ def load_training_model(base: BaseModel, device: str | None = None):
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
             _save_converted(model, tokenizer, converted)
     model.to(device or pick_device())
+    if next(model.parameters()).device.type == "cpu":
+        # The weights were memory-mapped from the converted file. Folding rewrites them and the fused
+        # training forward replaces some by concatenated copies; in their own memory, a replaced
+        # weight is freed, whereas pages of the shared mapping would stay resident.
+        for parameter in model.parameters():
+            parameter.data = parameter.data.clone()
     model.eval()
     return model, tokenizer
 

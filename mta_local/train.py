@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import LoraConfig
+from .config import PACKED_ROWS, LoraConfig
 from .fused import FusedLlama, Packed, pack
 from .merge import LoraWeights
 
@@ -146,6 +146,23 @@ def use_fast_lora_forward(peft_model) -> int:
     return switched
 
 
+def fixed_size(examples: list[Encoded], size: int) -> list[list[Encoded]]:
+    """Split examples into micro-batches of ``size`` examples."""
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def pack_rows(examples: list[Encoded], max_rows: int) -> list[list[Encoded]]:
+    """Split examples into micro-batches of at most ``max_rows`` tokens; an example longer than that is alone."""
+    batches, rows = [], 0
+    for example in examples:
+        if not batches or rows + len(example.input_ids) > max_rows:
+            batches.append([])
+            rows = 0
+        batches[-1].append(example)
+        rows += len(example.input_ids)
+    return batches
+
+
 def cosine_lr(step: int, total: int, peak: float) -> float:
     return 0.5 * peak * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
@@ -177,10 +194,12 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
     if FusedLlama.supports(peft_model):
         loss_sum = functools.partial(loss_sum_fused, FusedLlama(peft_model))
         prepare = functools.partial(pack, device=device)
+        split = functools.partial(pack_rows, max_rows=PACKED_ROWS)
     else:
         use_fast_lora_forward(peft_model)
         loss_sum = functools.partial(loss_sum_fast, peft_model)
         prepare = functools.partial(collate, pad_id=pad_id, device=device)
+        split = functools.partial(fixed_size, size=config.batch_size)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
 
@@ -200,8 +219,8 @@ def train_lora(model, encoded: list[Encoded], config: LoraConfig, pad_id: int, p
 
             n_targets = sum(len(example.input_ids) - max(example.target_start, 1) for example in chunk)
             step_loss = 0.0
-            for i in range(0, len(chunk), config.batch_size):
-                summed, _ = loss_sum(prepare(chunk[i : i + config.batch_size]))
+            for micro_batch in split(chunk):
+                summed, _ = loss_sum(prepare(micro_batch))
                 (summed / n_targets).backward()
                 step_loss += summed.item() / n_targets
             tokens += sum(len(example.input_ids) for example in chunk)

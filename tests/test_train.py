@@ -57,6 +57,31 @@ def test_train_lora_lowers_loss_and_leaves_model_plain():
     assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
 
 
+def test_pack_rows_fills_micro_batches_up_to_the_row_budget():
+    from mta_local.train import pack_rows
+
+    examples = [Encoded(list(range(length)), target_start=1) for length in (3, 4, 5, 9)]
+
+    batches = pack_rows(examples, max_rows=8)
+
+    assert [[len(example.input_ids) for example in batch] for batch in batches] == [[3, 4], [5], [9]]
+
+
+def test_micro_batch_split_does_not_change_training(monkeypatch):
+    import mta_local.train
+
+    config = LoraConfig(rank=4, alpha=8.0, epochs=2, learning_rate=1e-2, batch_size=2, grad_accum=2, seed=0)
+    results = []
+    for max_rows in (4, 1024):  # each example alone, then each step's examples in one micro-batch
+        monkeypatch.setattr(mta_local.train, "PACKED_ROWS", max_rows)
+        results.append(train_lora(tiny_llama(), PREFIXED, config, pad_id=0))
+
+    assert results[0].losses == pytest.approx(results[1].losses, rel=1e-5)
+    for module, (a, b) in results[0].adapter.tensors.items():
+        assert torch.allclose(results[1].adapter.tensors[module][0], a, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(results[1].adapter.tensors[module][1], b, rtol=1e-4, atol=1e-6)
+
+
 def test_train_lora_is_seeded():
     config = LoraConfig(rank=2, alpha=4.0, epochs=2, learning_rate=1e-2, batch_size=1, grad_accum=2, seed=3)
 
