@@ -19,7 +19,7 @@ from .embed import load_embedder, user_embedding
 from .errors import BankError, UnsupportedModelError
 from .history import read_history, training_examples
 from .merge import fold_into, merge_averaged, merge_exact
-from .models import load_training_model, pick_device, resolve_base_model
+from .models import load_training_model, pick_device, release_memory, resolve_base_model
 from .profile import ADAPTER_GGUF, EMBEDDING, HISTORY, RECIPE, STACKED, Profile, ProfileWriter, save_stacked
 from .retrieve import AnchorChoice, select_anchors
 from .templates import prompt_renderer
@@ -87,6 +87,7 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
 
     # load: validate everything before the first tensor is touched
     with stage("load"):
+        release_memory()  # what a previous enroll in this process left: its model and its training heap
         history = read_history(history_path, task)
         stack = stack or stack_config(history.task.name)
         check_stack_config(stack)

@@ -196,6 +196,25 @@ def load_training_model(base: BaseModel, device: str | None = None):
     return model, tokenizer
 
 
+def release_memory() -> None:
+    """Free unreachable objects and give the C heap's free memory back to the operating system.
+
+    Transformers models hold reference cycles, so a dropped model waits for the garbage
+    collector. glibc keeps freed heap memory for reuse; ``malloc_trim`` returns it, so that a
+    process enrolling one user after another holds only what the current one uses.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        trim = getattr(ctypes.CDLL(libc_name), "malloc_trim", None)  # glibc only
+        if trim is not None:
+            trim(0)
+
+
 def _converted_dir(base: BaseModel) -> Path:
     from .config import cache_dir
 
