@@ -188,18 +188,20 @@ def serving_report(profile_dir: Path, lines: list[str]) -> None:
         ("base + merged + stacked as two adapters", base, [(merged_path, 1.0), (stacked_path, 1.0)]),
         (f"folded per-user copy ({folded.path.name.split('.')[-2]}, what `chat` uses)", folded, []),
     ]
-    lines += ["", f"## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, best of {SPEED_ROUNDS} "
-              "rounds; each round runs every model once, so slow spells of the machine hit all rows alike)", "",
+    lines += ["", f"## llama.cpp serving speed (greedy, 256-token prompt, 128 decoded tokens, median of {SPEED_ROUNDS} "
+              "rounds; each round runs every model once, and a row's share of the base is the median of its per-round "
+              "shares, so slow spells of the machine hit all rows alike)", "",
               "| model | prompt tokens/s | decode tokens/s | decode vs base |", "|---|---|---|---|"]
     loaded = [load_case(model, adapters) for _, model, adapters in cases]
-    best = [(0.0, 0.0)] * len(cases)
+    runs = [[] for _ in cases]
     for _ in range(SPEED_ROUNDS):
         for index, llm in enumerate(loaded):
-            prompt_speed, decode_speed = llama_speed(llm)
-            best[index] = (max(best[index][0], prompt_speed), max(best[index][1], decode_speed))
-    base_decode = best[0][1]
-    for (label, _, _), (prompt_speed, decode_speed) in zip(cases, best):
-        lines.append(f"| {label} | {prompt_speed:.0f} | {decode_speed:.1f} | {100 * decode_speed / base_decode:.0f} % |")
+            runs[index].append(llama_speed(llm))
+    base_decode = [decode for _, decode in runs[0]]
+    for (label, _, _), measured in zip(cases, runs):
+        prompt_speed, decode_speed = (float(np.median(column)) for column in zip(*measured))
+        share = np.median([decode / base for (_, decode), base in zip(measured, base_decode)])
+        lines.append(f"| {label} | {prompt_speed:.0f} | {decode_speed:.1f} | {100 * share:.0f} % |")
 
 
 def main() -> int:
