@@ -34,7 +34,7 @@ def micro_batch(tokenizer, base):
     stack = stack_config(history.task.name)
     encoded = encode_examples(tokenizer, prompt_renderer(base), training_examples(history),
                               base.eos_token, stack.max_tokens)
-    # the longest examples that share one micro-batch, as training packs them
+    # the first micro-batch that training would pack from the examples sorted longest first
     longest = pack_rows(sorted(encoded, key=lambda example: -len(example.input_ids)), PACKED_ROWS)[0]
     return pack(longest, "cpu"), sum(len(example.input_ids) for example in longest)
 

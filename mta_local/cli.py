@@ -183,8 +183,8 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads, folde
     """Chat with your personalized model through llama.cpp.
 
     By default llama.cpp loads a copy of the base with the profile's adapters folded
-    into its weights, which decodes as fast as the base. The first chat after enroll
-    writes it. Either way the adapter is checked to be in effect before the first
+    into its weights (Q8_0), which needs no adapter operations per token. The first
+    chat after enroll writes it. Either way the adapter is checked to be in effect before the first
     reply. Each turn gets the most relevant history items (BM25) above it, as in training.
 
     \b

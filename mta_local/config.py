@@ -119,8 +119,8 @@ class LoraConfig:
 
 
 # Tokens per packed micro-batch of the fused training forward (``train.pack_rows``). An optimizer
-# step's examples are split into micro-batches, which only changes how long they take and how
-# much memory they hold: its gradient is the sum over its examples either way.
+# step's examples are split into micro-batches. The split changes how long they take and how
+# much memory they hold, not the step's gradient, which is the sum over its examples.
 PACKED_ROWS = 1024
 
 

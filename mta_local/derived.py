@@ -6,10 +6,11 @@ stacked adapter; their names carry ``Profile.key``.
 
 The folded copy exists for speed: llama.cpp runs a runtime LoRA as extra graph operations on
 every projection, which at 135M parameters costs about a fifth of the decode speed. Folded into
-the weights, the adapters cost nothing at decode time. Folded tensors are re-quantized to Q8_0
-by default: Q4_1's step (a 16th of each 32-weight block's range) is coarser than typical adapter
-deltas, so re-quantizing to Q4_1 would round much of the personalization away. Untouched
-tensors are copied as they are.
+the weights, the adapters add no operations. Folded tensors are re-quantized to Q8_0 by default,
+because Q4_1's step (a 15th of each 32-weight block's range) is coarser than typical adapter
+deltas, so re-quantizing to Q4_1 would round much of the personalization away. A Q8_0 copy reads
+more bytes per token than a Q4_1 base, which costs decode speed (benchmarks/fold_types.py
+measures both). Untouched tensors are copied as they are.
 """
 
 from __future__ import annotations

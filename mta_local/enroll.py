@@ -87,7 +87,7 @@ def enroll(history_path, enroll_config: EnrollConfig, stack: LoraConfig | None =
 
     # load: validate everything before the first tensor is touched
     with stage("load"):
-        release_memory()  # what a previous enroll in this process left: its model and its training heap
+        release_memory()  # frees a previous enroll's model and training heap in this process
         history = read_history(history_path, task)
         stack = stack or stack_config(history.task.name)
         check_stack_config(stack)

@@ -187,9 +187,9 @@ def load_training_model(base: BaseModel, device: str | None = None):
             _save_converted(model, tokenizer, converted)
     model.to(device or pick_device())
     if next(model.parameters()).device.type == "cpu":
-        # The weights were memory-mapped from the converted file. Folding rewrites them and the fused
-        # training forward replaces some by concatenated copies; in their own memory, a replaced
-        # weight is freed, whereas pages of the shared mapping would stay resident.
+        # The weights were memory-mapped from the converted file. Folding rewrites them, and the fused
+        # training forward replaces some by concatenated copies. A replaced weight in its own memory
+        # is freed, whereas pages of the shared mapping would stay resident.
         for parameter in model.parameters():
             parameter.data = parameter.data.clone()
     model.eval()
@@ -200,8 +200,8 @@ def release_memory() -> None:
     """Free unreachable objects and give the C heap's free memory back to the operating system.
 
     Transformers models hold reference cycles, so a dropped model waits for the garbage
-    collector. glibc keeps freed heap memory for reuse; ``malloc_trim`` returns it, so that a
-    process enrolling one user after another holds only what the current one uses.
+    collector. glibc keeps freed heap memory for reuse, and ``malloc_trim`` returns it. A process
+    that enrolls one user after another then holds only what the current one uses.
     """
     import ctypes
     import ctypes.util

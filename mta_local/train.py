@@ -152,7 +152,7 @@ def fixed_size(examples: list[Encoded], size: int) -> list[list[Encoded]]:
 
 
 def pack_rows(examples: list[Encoded], max_rows: int) -> list[list[Encoded]]:
-    """Split examples into micro-batches of at most ``max_rows`` tokens; an example longer than that is alone."""
+    """Split examples into micro-batches of at most ``max_rows`` tokens. A longer example gets one of its own."""
     batches, rows = [], 0
     for example in examples:
         if not batches or rows + len(example.input_ids) > max_rows:

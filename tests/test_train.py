@@ -57,7 +57,7 @@ def test_train_lora_lowers_loss_and_leaves_model_plain():
     assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
 
 
-def test_pack_rows_fills_micro_batches_up_to_the_row_budget():
+def test_pack_rows_respects_row_budget():
     from mta_local.train import pack_rows
 
     examples = [Encoded(list(range(length)), target_start=1) for length in (3, 4, 5, 9)]
@@ -67,7 +67,7 @@ def test_pack_rows_fills_micro_batches_up_to_the_row_budget():
     assert [[len(example.input_ids) for example in batch] for batch in batches] == [[3, 4], [5], [9]]
 
 
-def test_micro_batch_split_does_not_change_training(monkeypatch):
+def test_micro_batch_split_keeps_training(monkeypatch):
     import mta_local.train
 
     config = LoraConfig(rank=4, alpha=8.0, epochs=2, learning_rate=1e-2, batch_size=2, grad_accum=2, seed=0)
