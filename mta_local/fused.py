@@ -6,8 +6,9 @@ It computes what transformers' LlamaForCausalLM wrapped by peft computes, in few
   (2 x intermediate, hidden) matrix, so each is one matrix product forward and one backward;
 - a LoRA projection (base + scaled low-rank path) is one autograd function whose backward adds the
   low-rank path into the base's input gradient in place;
-- RMSNorm and SiLU(gate) * up are computed inside the projection that follows them, and the
-  projection's backward recomputes them instead of storing them;
+- RMSNorm and SiLU(gate) * up are computed inside the projection that follows them, and their
+  outputs are not stored: the norm's projection computes its backward from x and 1 / rms alone,
+  and the SwiGLU projection recomputes its input;
 - these two and the rotary embedding have hand-written backward passes, so autograd's chain of
   elementwise temporaries is not built;
 - a micro-batch is packed (``pack``): its examples' tokens are rows of one matrix, without
@@ -54,8 +55,8 @@ def _rms_norm(x, weight, eps):
 def _rms_norm_backward(grad, x, weight, rstd):
     """Return the gradient of ``_rms_norm`` for x; the norm weight is frozen."""
     scaled = grad * weight
-    dot = (scaled * x).mean(-1, keepdim=True)
-    return scaled.mul_(rstd).sub_(x * (dot * rstd.pow(3)))
+    dot = torch.linalg.vecdot(scaled, x).unsqueeze(-1).div_(x.shape[-1])  # mean(scaled * x) without the product
+    return scaled.mul_(rstd).addcmul_(x, dot.mul_(rstd.pow(3)), value=-1)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -75,7 +76,7 @@ class LoraLinear(torch.autograd.Function):
 
 
 class NormLoraLinear(torch.autograd.Function):
-    """LoraLinear of RMSNorm(x). Backward recomputes the normalized input instead of storing it."""
+    """LoraLinear of RMSNorm(x). Backward needs x and 1 / rms, not the normalized input."""
 
     @staticmethod
     def forward(ctx, x, norm_weight, eps, weight, lora_a, lora_b, scaling):
@@ -88,10 +89,15 @@ class NormLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, norm_weight, rstd, weight, lora_a, lora_b, mid = ctx.saved_tensors
-        normed = norm_weight * (x * rstd)
-        need_x = ctx.needs_input_grad[0]  # False in the first block because the embeddings are frozen
-        grad_normed, grad_a, grad_b = _lora_backward(grad, normed, weight, lora_a, lora_b, mid, ctx.scaling, need_x)
-        grad_x = _rms_norm_backward(grad_normed, x, norm_weight, rstd) if need_x else None
+        grad_mid = (grad @ lora_b).mul_(ctx.scaling)
+        # grad_A = grad_mid^T normed. Because normed = norm_weight * x * rstd only scales the rows and
+        # columns of x, the scaling moves onto the small factors and normed is never built.
+        grad_a = ((grad_mid * rstd).t() @ x).mul_(norm_weight)
+        grad_b = (mid.t() @ grad).t().mul_(ctx.scaling)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # False in the first block because the embeddings are frozen
+            grad_normed = (grad @ weight).addmm_(grad_mid, lora_a)
+            grad_x = _rms_norm_backward(grad_normed, x, norm_weight, rstd)
         return grad_x, None, None, None, grad_a, grad_b, None
 
 
