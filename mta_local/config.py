@@ -103,8 +103,8 @@ class LoraConfig:
     target_modules: tuple[str, ...] = LLAMA_TARGET_MODULES  # PEFT module names inside each block
     epochs: int = 3  # passes over the training examples
     learning_rate: float = 1e-4  # peak AdamW learning rate, cosine-decayed to 0
-    batch_size: int = 2  # examples per micro-batch
-    grad_accum: int = 4  # micro-batches per optimizer step
+    batch_size: int = 2  # examples per micro-batch, except in the fused Llama forward, which packs PACKED_ROWS tokens
+    grad_accum: int = 4  # an optimizer step trains on batch_size x grad_accum examples
     max_tokens: int = 384  # prompt + target tokens per example; longer prompts are cut from the left of the history
     seed: int = 0  # seeds torch, the shuffle and the LoRA initialisation
     weight_decay: float = 0.0  # AdamW weight decay
