@@ -28,11 +28,18 @@ sys.path.insert(0, str(REPO))
 
 
 def machine() -> str:
+    import importlib.metadata
+
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} threads; "
+    cpu, features = platform.processor(), ""
+    if Path("/proc/cpuinfo").exists():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
+        flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+        features = "".join(f" with {name}" for flag, name in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags)
+    return (f"{cpu}{features}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads; llama-cpp-python {importlib.metadata.version('llama_cpp_python')}; "
             f"Python {platform.python_version()}; {platform.system()} {platform.machine()}")
 
 
@@ -212,7 +219,7 @@ def main() -> int:
 
     import torch
 
-    from mta_local.models import load_training_model, resolve_base_model
+    from mta_local.models import converted_dir, load_training_model, resolve_base_model
 
     threads = torch.get_num_threads()
     lines = [f"# enroll benchmark ({time.strftime('%Y-%m-%d')})", "", f"machine: {machine()}", ""]
@@ -224,6 +231,9 @@ def main() -> int:
               f"matmul parameters (blocks + lm_head): {params / 1e6:.1f} M -> roofline {roofline:.0f} trained tokens/s "
               "(4 FLOPs per parameter per token)"]
 
+    if not converted_dir(resolve_base_model()).joinpath("config.json").is_file():
+        print("converting the base model for transformers into the cache (once per base model, about 25 s)",
+              file=sys.stderr)
     load_training_model(resolve_base_model())  # the converted-model cache is built once, outside the timings
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
@@ -240,7 +250,8 @@ def main() -> int:
                   f"stack training: {loop_speed:.0f} tokens/s = {100 * loop_speed / roofline:.0f} % of the roofline "
                   f"over the optimizer loop; {stage_speed:.0f} tokens/s = {100 * stage_speed / roofline:.0f} % over the "
                   "whole train stage (tokenizing and wrapping the model included)",
-                  f"peak resident memory of the enroll process: {report['peak_rss_kb'] / 1024:.0f} MB",
+                  f"peak resident memory of the enroll process ({len(histories)} user(s), one after another): "
+                  f"{report['peak_rss_kb'] / 1024:.0f} MB",
                   f"profile on disk: {first['size'] / 1e6:.3f} MB ({first['size'] / 2**20:.3f} MiB); "
                   f"a full rank-8 per-user LoRA (OPPU style, fp16): {full_lora_bytes() / 1e6:.2f} MB",
                   f"derived files outside the profile (rebuilt when missing): runtime GGUF adapter "

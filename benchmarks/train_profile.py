@@ -49,10 +49,21 @@ def category(event) -> str:
     return "elementwise and other work"
 
 
+def product_flops(event) -> int:
+    """Return the FLOPs of all calls of a profiled (m x k) @ (k x n) product row."""
+    (m, k), (_, n) = event.input_shapes[:2]
+    return 2 * m * k * n * event.count
+
+
 def main() -> int:
+    import warnings
+
     import torch
+    from enroll_speed import matmul_gflops, matmul_parameters
     from peft import LoraConfig, get_peft_model
     from torch.profiler import ProfilerActivity, profile
+
+    warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations that peft triggers
 
     from mta_local.config import stack_config
     from mta_local.fused import FusedLlama
@@ -76,20 +87,29 @@ def main() -> int:
         started = time.perf_counter()
         loss, _ = loss_sum_fused(fused, batch)
         loss.backward()
-        print(f"| {index + 1} | {time.perf_counter() - started:.3f} | "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults:,} |")
+        seconds = time.perf_counter() - started
+        print(f"| {index + 1} | {seconds:.3f} | {resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults:,} |")
+    gflops = matmul_gflops(torch.get_num_threads())
+    roofline = gflops * 1e9 / (4 * matmul_parameters())
+    print("", f"last pass: {tokens / seconds:.0f} tokens/s = {100 * tokens / seconds / roofline:.0f} % of the roofline "
+          f"({roofline:.0f} tokens/s from {gflops:.0f} GFLOP/s, as in enroll_speed.py)", sep="\n")
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
         for _ in range(PROFILED):
             loss, _ = loss_sum_fused(fused, batch)
             loss.backward()
     totals: dict[str, float] = {}
+    base_flops = 0
     for event in profiler.key_averages(group_by_input_shape=True):
         totals[category(event)] = totals.get(category(event), 0.0) + event.self_cpu_time_total / 1e6 / PROFILED
+        if category(event) == "base matrix products" and event.key == "aten::mm":
+            base_flops += product_flops(event) // PROFILED
     print("", f"## one steady-state pass under torch.profiler ({sum(totals.values()):.2f} s with the profiler's own cost)",
           "", "| work | seconds |", "|---|---|", sep="\n")
     for name, seconds in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"| {name} | {seconds:.2f} |")
+    rate = base_flops / totals["base matrix products"] / 1e9
+    print(f"\nbase matrix products: {rate:.0f} GFLOP/s, {100 * rate / gflops:.0f} % of the benchmark product's rate")
     return 0
 
 

@@ -174,7 +174,7 @@ def load_training_model(base: BaseModel, device: str | None = None):
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    converted = _converted_dir(base)
+    converted = converted_dir(base)
     # transformers draws tqdm bars while it loads; keep stderr for mta-local's own output
     with contextlib.redirect_stderr(io.StringIO()):
         if (converted / "config.json").is_file():
@@ -215,7 +215,8 @@ def release_memory() -> None:
             trim(0)
 
 
-def _converted_dir(base: BaseModel) -> Path:
+def converted_dir(base: BaseModel) -> Path:
+    """Return the cache folder of the base model converted for transformers."""
     from .config import cache_dir
 
     return cache_dir() / "transformers" / f"{base.path.stem}-{base.sha256[:12]}"
