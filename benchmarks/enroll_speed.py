@@ -37,7 +37,8 @@ def machine() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
         flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-        features = "".join(f" with {name}" for flag, name in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags)
+        names = [name for flag, name in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags]
+        features = f" with {' and '.join(names)}" if names else ""
     return (f"{cpu}{features}; {os.cpu_count()} logical CPUs; torch {torch.__version__} with {torch.get_num_threads()} "
             f"threads; llama-cpp-python {importlib.metadata.version('llama_cpp_python')}; "
             f"Python {platform.python_version()}; {platform.system()} {platform.machine()}")
@@ -243,6 +244,7 @@ def main() -> int:
         timings = first["timings"]
         loop_speed = first["train_tokens"] / first["train_seconds"]
         stage_speed = first["train_tokens"] / timings["train"]
+        users = f"{len(histories)} user" + ("s" if len(histories) > 1 else "")
         lines += ["", "## enroll of one 10-item history (LaMP-2 example user, default model and bank)", "",
                   "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in timings.items()]
@@ -250,7 +252,7 @@ def main() -> int:
                   f"stack training: {loop_speed:.0f} tokens/s = {100 * loop_speed / roofline:.0f} % of the roofline "
                   f"over the optimizer loop; {stage_speed:.0f} tokens/s = {100 * stage_speed / roofline:.0f} % over the "
                   "whole train stage (tokenizing and wrapping the model included)",
-                  f"peak resident memory of the enroll process ({len(histories)} user(s), one after another): "
+                  f"peak resident memory of the enroll process ({users}, one after another): "
                   f"{report['peak_rss_kb'] / 1024:.0f} MB",
                   f"profile on disk: {first['size'] / 1e6:.3f} MB ({first['size'] / 2**20:.3f} MiB); "
                   f"a full rank-8 per-user LoRA (OPPU style, fp16): {full_lora_bytes() / 1e6:.2f} MB",
