@@ -184,8 +184,9 @@ def chat(profile, prompt, max_tokens, temperature, history_items, threads, folde
 
     By default llama.cpp loads a copy of the base with the profile's adapters folded
     into its weights (Q8_0), which needs no adapter operations per token. The first
-    chat after enroll writes it. Either way the adapter is checked to be in effect before the first
-    reply. Each turn gets the most relevant history items (BM25) above it, as in training.
+    chat after enroll writes it. Either way the adapter is checked to be in effect
+    before the first reply. Each turn gets the most relevant history items (BM25)
+    above it, as in training.
 
     \b
     mta-local chat --prompt "Which tag does this movie relate to among ... Tag:"
