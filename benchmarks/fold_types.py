@@ -31,7 +31,7 @@ ROUNDS = 5
 
 
 def write_copy(base, target: Path, deltas: dict, qtype: str | None, with_deltas: bool = True) -> Path:
-    """Write the base with ``deltas`` added to its tensors, stored as ``qtype`` (None: F32); others unchanged."""
+    """Write the base with ``deltas`` added to its tensors, stored as ``qtype`` (None: F32). Other tensors are copied."""
     import gguf
 
     from mta_local.gguf_adapter import rewrite_base_gguf
@@ -61,7 +61,7 @@ def next_token_logits(model_path: Path, prompts: list[str]) -> np.ndarray:
 
 
 def decode_speeds(paths: list[Path]) -> list[list[float]]:
-    """Decode tokens/s of each model in each round; every round runs every model once."""
+    """Return each model's decode tokens/s per round. Every round runs every model once."""
     from enroll_speed import llama_speed
 
     from mta_local.chat import load_llama
