@@ -30,28 +30,6 @@ PROMPTS = 6
 ROUNDS = 5
 
 
-def write_copy(base, target: Path, deltas: dict, qtype: str | None, with_deltas: bool = True) -> Path:
-    """Write the base with ``deltas`` added to its tensors, stored as ``qtype`` (None: F32). Other tensors are copied."""
-    import gguf
-
-    from mta_local.gguf_adapter import rewrite_base_gguf
-
-    stored = gguf.GGMLQuantizationType[qtype or "F32"]
-
-    def convert(tensor):
-        if tensor.name not in deltas:
-            return tensor.data, tensor.tensor_type
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if with_deltas:
-            weight = weight + deltas[tensor.name]
-        weight = weight.astype(np.float32)
-        return (weight, stored) if qtype is None else (gguf.quants.quantize(weight, stored), stored)
-
-    file_type = gguf.LlamaFileType[f"MOSTLY_{qtype}" if qtype else "ALL_F32"]
-    rewrite_base_gguf(base, target, int(file_type), convert)
-    return target
-
-
 def next_token_logits(model_path: Path, prompts: list[str]) -> np.ndarray:
     from mta_local.chat import last_logits, load_llama
     from mta_local.models import resolve_base_model
@@ -89,6 +67,7 @@ def main() -> int:
 def report(scratch: Path) -> list[str]:
     os.environ["MTA_LOCAL_HOME"] = str(scratch / "home")  # the enrolled profile stays in the scratch dir
     from mta_local.config import EnrollConfig
+    from mta_local.derived import write_folded
     from mta_local.enroll import enroll
     from mta_local.gguf_adapter import gguf_deltas
     from mta_local.models import resolve_base_model
@@ -101,14 +80,15 @@ def report(scratch: Path) -> list[str]:
     deltas = {name: delta.numpy() for name, delta in gguf_deltas(combined_adapter(profile), base).items()}
     prompts = fixed_prompts(profile, base, PROMPTS)
 
-    unadapted = next_token_logits(write_copy(base, scratch / "f32-base.gguf", deltas, None, with_deltas=False), prompts)
-    reference = next_token_logits(write_copy(base, scratch / "f32-fold.gguf", deltas, None), prompts)
+    zeros = {name: np.zeros_like(delta) for name, delta in deltas.items()}
+    unadapted = next_token_logits(write_folded(base, scratch / "f32-base.gguf", zeros, "F32"), prompts)
+    reference = next_token_logits(write_folded(base, scratch / "f32-fold.gguf", deltas, "F32"), prompts)
     effect = reference - unadapted
 
     rows, paths = [], [base.path]
     for qtype in CANDIDATES:
         started = time.perf_counter()
-        path = write_copy(base, scratch / f"fold-{qtype}.gguf", deltas, qtype)
+        path = write_folded(base, scratch / f"fold-{qtype}.gguf", deltas, qtype)
         seconds = time.perf_counter() - started
         error = next_token_logits(path, prompts) - reference
         agree = int(((error + reference).argmax(axis=1) == reference.argmax(axis=1)).sum())

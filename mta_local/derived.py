@@ -24,7 +24,8 @@ from .profile import Profile
 
 logger = logging.getLogger(__name__)
 
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "Q4_1": "MOSTLY_Q4_1"}
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0",
+              "Q5_1": "MOSTLY_Q5_1", "F32": "ALL_F32"}
 
 
 def write_runtime_adapter(profile: Profile, target: Path, base: BaseModel) -> Path:
@@ -55,25 +56,34 @@ def folded_path(profile: Profile, quant: str) -> Path:
 
 def folded_base(profile: Profile, base: BaseModel, quant: str = "Q8_0") -> BaseModel:
     """Return the profile's folded base GGUF, writing it first if it is missing."""
-    import gguf
-    import numpy as np
-
     from .verify import combined_adapter
 
     target = folded_path(profile, quant)
     if target.is_file():
         return resolve_base_model(str(target))
 
-    qtype = gguf.GGMLQuantizationType[quant]
     deltas = {name: delta.numpy() for name, delta in gguf_deltas(combined_adapter(profile), base).items()}
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_folded(base, target, deltas, quant)
+    logger.info("wrote folded base for profile %s to %s", profile.name, target)
+    return resolve_base_model(str(target))
+
+
+def write_folded(base: BaseModel, target: Path, deltas: dict, quant: str) -> Path:
+    """Write the base GGUF with ``deltas`` (GGUF tensor name -> dW array) added, those tensors stored as ``quant``.
+
+    ``quant`` is a key of FILE_TYPES. Tensors without a delta are copied as they are.
+    """
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[quant]
 
     def folded(tensor):
         if tensor.name not in deltas:
             return tensor.data, tensor.tensor_type
-        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type) + deltas[tensor.name]
-        return gguf.quants.quantize(weight.astype(np.float32), qtype), qtype
+        weight = (gguf.quants.dequantize(tensor.data, tensor.tensor_type) + deltas[tensor.name]).astype(np.float32)
+        return (weight if quant == "F32" else gguf.quants.quantize(weight, qtype)), qtype
 
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     rewrite_base_gguf(base, target, int(gguf.LlamaFileType[FILE_TYPES[quant]]), folded)
-    logger.info("wrote folded base for profile %s to %s", profile.name, target)
-    return resolve_base_model(str(target))
+    return target

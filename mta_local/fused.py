@@ -55,7 +55,7 @@ def _rms_norm(x, weight, eps):
 def _rms_norm_backward(grad, x, weight, rstd):
     """Return the gradient of ``_rms_norm`` for x; the norm weight is frozen."""
     scaled = grad * weight
-    dot = torch.linalg.vecdot(scaled, x).unsqueeze(-1).div_(x.shape[-1])  # mean(scaled * x) without the product
+    dot = torch.linalg.vecdot(scaled, x).unsqueeze(-1).div_(x.shape[-1])  # mean(scaled * x) without building the product tensor
     return scaled.mul_(rstd).addcmul_(x, dot.mul_(rstd.pow(3)), value=-1)
 
 

@@ -6,7 +6,7 @@ These changes make it faster than a plain peft loop without changing what it com
 - Only target tokens carry loss, so the lm_head is applied at target positions only. That skips
   most of the vocabulary projection, which dominates a 135M model's compute on short targets.
 - An optimizer step's gradient is the sum over its examples, whatever micro-batches they are
-  split into. Each step sorts its examples by length, so a micro-batch holds similar lengths,
+  split into. Each step sorts its examples by length, so a micro-batch contains similar lengths,
   and the fused path packs micro-batches of up to ``PACKED_ROWS`` tokens.
 - Llama-architecture models with a LoRA on all seven block projections (the default) train
   through ``fused.FusedLlama``: packed micro-batches without padding, the examples' shared
